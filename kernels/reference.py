@@ -24,9 +24,9 @@ Two ops:
 
     Semantics: first write every new K/V into its slot, then row b query s attends over keys
     j < total_lens[b], and when causal only j <= past_lens[b] + s, and with a sliding window W > 0
-    only past_lens[b] + s - j < W. A query that sees no key outputs zeros. Outputs: o [B, S, Hq*D] and the updated pools (the runtime binds
-    each pool as both input and output, so kernels update it in place). Padded queries produce
-    finite values that callers ignore.
+    only past_lens[b] + s - j < W. A query that sees no key outputs zeros. Outputs: o [B, S, Hq*D]
+    and the updated pools (the runtime binds each pool as both input and output, so kernels update
+    it in place). Padded queries produce finite values that callers ignore.
 """
 
 import torch

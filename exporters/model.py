@@ -1,0 +1,314 @@
+"""The PyTorch definition of a Llama-family decoder: the reference and the source of the ONNX graph.
+
+One module, two forwards:
+
+- `forward_dense(input_ids) -> logits [B, S, V]`: the whole sequence at once with dense causal
+  attention (`kernels.reference.attention_ref`), no cache. This is the fp32 reference the exported
+  graph is tested against.
+- `forward(...)`: the serving graph's signature. Rows of new tokens attend over a paged KV pool
+  through one `fastattention::FlashAttention` op per layer (contract: `kernels/reference.py`);
+  during ONNX export that op becomes a single custom-domain node, in eager mode it runs the
+  reference. One graph serves prefill, decode and mixed batches.
+
+Linear weights are dense, or kept as 32-value blocks (`BlockQuant`) that export to
+`com.microsoft::MatMulNBits`: Q4_0 and Q8_0 map onto it exactly; Q4_1's per-block minimum m adds
+`blocksum(x) @ m`, computed beside it, so no block is re-quantized.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exporters.checkpoint import QUANT_BLOCK, BlockQuant, ModelConfig
+from kernels.reference import attention_ref, paged_attention_ref
+
+ATTENTION_DOMAIN = "fastattention"
+ATTENTION_OP = "FlashAttention"
+ATTENTION_OP_VERSION = 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: np.ndarray, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(weight, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T for a dense W [N, K], or for blocks exported as MatMulNBits."""
+
+    def __init__(self, weight: np.ndarray | BlockQuant, dtype: torch.dtype, accuracy_level: int) -> None:
+        super().__init__()
+        self.quantized = isinstance(weight, BlockQuant)
+        self.accuracy_level = accuracy_level
+        if not self.quantized:
+            self.weight = nn.Parameter(torch.tensor(weight, dtype=dtype), requires_grad=False)
+            return
+        self.out_features, self.in_features = weight.codes.shape
+        self.bits = weight.bits
+        self.register_buffer("packed", torch.from_numpy(pack_codes(weight.codes, weight.bits)))
+        self.register_buffer("scales", torch.from_numpy(weight.scales.reshape(-1)).to(dtype))
+        zero = np.full(weight.scales.shape, weight.zero_point, np.uint8)
+        self.register_buffer("zero_points", torch.from_numpy(pack_codes(zero, weight.bits).reshape(-1)))
+        mins = None if weight.mins is None else torch.from_numpy(weight.mins.T.copy()).to(dtype)
+        self.register_buffer("mins", mins)  # [K // 32, N]
+        self.zero_point = weight.zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return F.linear(x, self.weight)
+        if torch.onnx.is_in_onnx_export():
+            y = torch.onnx.ops.symbolic(
+                "com.microsoft::MatMulNBits",
+                (x, self.packed, self.scales, self.zero_points),
+                dict(
+                    K=self.in_features,
+                    N=self.out_features,
+                    bits=self.bits,
+                    block_size=QUANT_BLOCK,
+                    accuracy_level=self.accuracy_level,
+                ),
+                dtype=x.dtype,
+                shape=(*x.shape[:-1], self.out_features),
+                version=1,
+            )
+        else:
+            y = F.linear(x, self.dequantized_weight().to(x.dtype))
+        if self.mins is not None:
+            y = y + x.unflatten(-1, (-1, QUANT_BLOCK)).sum(-1) @ self.mins
+        return y
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(code - zero_point) * scale, from the packed buffers; without the Q4_1 minimum."""
+        codes = unpack_codes(self.packed, self.bits).float().view(self.out_features, -1, QUANT_BLOCK)
+        w = (codes - self.zero_point) * self.scales.float().view(self.out_features, -1, 1)
+        return w.view(self.out_features, self.in_features)
+
+
+class Embedding(nn.Module):
+    """Token embedding; blocks are gathered as codes and scaled (no dequantized table in memory)."""
+
+    def __init__(self, weight: np.ndarray | BlockQuant, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.quantized = isinstance(weight, BlockQuant)
+        if not self.quantized:
+            self.weight = nn.Parameter(torch.tensor(weight, dtype=dtype), requires_grad=False)
+            return
+        self.dtype = dtype
+        self.zero_point = weight.zero_point
+        n, k = weight.codes.shape
+        self.register_buffer(
+            "codes", torch.from_numpy(weight.codes.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK))
+        )
+        self.register_buffer("scales", torch.from_numpy(weight.scales.reshape(-1)).to(dtype))
+        mins = None if weight.mins is None else torch.from_numpy(weight.mins).to(dtype)
+        self.register_buffer("mins", mins)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return F.embedding(ids, self.weight)
+        codes = self.codes[ids].to(self.dtype) - self.zero_point  # [B, S, K // 32, 32]
+        x = codes * self.scales.view(self.codes.shape[0], -1)[ids].unsqueeze(-1)
+        if self.mins is not None:
+            x = x + self.mins[ids].unsqueeze(-1)
+        return x.flatten(-2)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [N, K] -> MatMulNBits layout [N, K // 32, 32 * bits // 8], low nibble first."""
+    n, k = codes.shape
+    blocks = codes.reshape(n, -1, QUANT_BLOCK) if k % QUANT_BLOCK == 0 else codes.reshape(n, -1)
+    if bits == 8:
+        return np.ascontiguousarray(blocks.astype(np.uint8))
+    flat = blocks.reshape(n, -1)
+    if flat.shape[1] % 2:
+        flat = np.concatenate([flat, np.zeros((n, 1), np.uint8)], axis=1)
+    packed = (flat[:, 0::2] | (flat[:, 1::2] << 4)).astype(np.uint8)
+    return packed.reshape(n, -1, QUANT_BLOCK // 2) if k % QUANT_BLOCK == 0 else packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed.reshape(packed.shape[0], -1)
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def rope_tables(config: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_positions, head_dim // 2] for rotate-half RoPE, computed in float64."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim))
+    angles = np.arange(config.max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return torch.from_numpy(np.cos(angles)).to(dtype), torch.from_numpy(np.sin(angles)).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D]; cos/sin [B, S, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class PagedKV:
+    """The per-step inputs that place new tokens in the paged pool (see kernels/reference.py)."""
+
+    def __init__(self, block_table, slot_mapping, past_lens, total_lens) -> None:
+        self.block_table = block_table
+        self.slot_mapping = slot_mapping
+        self.past_lens = past_lens
+        self.total_lens = total_lens
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.sliding_window = config.sliding_window
+        self.kv_format = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+        self.q, self.k, self.v, self.o = (Linear(weights[n], dtype, accuracy_level) for n in "qkvo")
+
+    def project(self, x, cos, sin):
+        B, S, _ = x.shape
+        q = apply_rope(self.q(x).view(B, S, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k(x).view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, self.v(x).view(B, S, self.num_kv_heads, self.head_dim)
+
+    def forward_dense(self, x, cos, sin) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        out = attention_ref(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sliding_window=self.sliding_window
+        )
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x, cos, sin, k_cache, v_cache, kv: PagedKV):
+        q, k, v = self.project(x, cos, sin)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+        attrs = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            scale=float(self.head_dim**-0.5),
+            causal=1,
+            sliding_window=self.sliding_window,
+            kv_format=self.kv_format,
+        )
+        inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+        if torch.onnx.is_in_onnx_export():
+            out, k_cache, v_cache = torch.onnx.ops.symbolic_multi_out(
+                f"{ATTENTION_DOMAIN}::{ATTENTION_OP}",
+                inputs,
+                attrs,
+                dtypes=(q.dtype, k_cache.dtype, v_cache.dtype),
+                shapes=(q.shape, k_cache.shape, v_cache.shape),
+                version=ATTENTION_OP_VERSION,
+            )
+        else:
+            attrs.pop("kv_format")
+            attrs["causal"] = True
+            out, k_cache, v_cache = paged_attention_ref(*inputs, **attrs)
+        return self.o(out), k_cache, v_cache
+
+
+class MLP(nn.Module):
+    def __init__(self, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = (
+            Linear(weights[n], dtype, accuracy_level) for n in ("gate", "up", "down")
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(weights["attn_norm"], config.rms_norm_eps, dtype)
+        self.attn = Attention(config, weights, dtype, accuracy_level)
+        self.mlp_norm = RMSNorm(weights["mlp_norm"], config.rms_norm_eps, dtype)
+        self.mlp = MLP(weights, dtype, accuracy_level)
+
+    def forward_dense(self, x, cos, sin):
+        x = x + self.attn.forward_dense(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, x, cos, sin, k_cache, v_cache, kv: PagedKV):
+        h, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+
+
+class Llama(nn.Module):
+    """weights: canonical name -> float32 array or BlockQuant (see exporters/checkpoint.py).
+
+    `weights["lm_head"]` is always present; a tied head is the same object as `weights["embed"]`.
+    """
+
+    def __init__(
+        self, config: ModelConfig, weights: dict, dtype: torch.dtype = torch.float32, accuracy_level: int = 0
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(weights["embed"], dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, _layer_weights(weights, i), dtype, accuracy_level)
+            for i in range(config.num_layers)
+        )
+        self.final_norm = RMSNorm(weights["final_norm"], config.rms_norm_eps, dtype)
+        self.lm_head = Linear(weights["lm_head"], dtype, accuracy_level)
+        if weights["lm_head"] is weights["embed"] and self.lm_head.quantized and self.lm_head.bits == 8:
+            # tied 8-bit table: the gather and the MatMulNBits read the same codes and scales
+            self.lm_head.packed, self.lm_head.scales = self.embed.codes, self.embed.scales
+        cos, sin = rope_tables(config, dtype)
+        self.register_buffer("rope_cos", cos)
+        self.register_buffer("rope_sin", sin)
+
+    def _rope(self, position_ids: torch.Tensor):
+        return self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
+
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Reference: logits for every position of [B, S] ids, no cache."""
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        cos, sin = self._rope(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer.forward_dense(x, cos, sin)
+        return self.lm_head(self.final_norm(x)).float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S] int64
+        position_ids: torch.Tensor,  # [B, S] int64
+        slot_mapping: torch.Tensor,  # [B, S] int64
+        block_table: torch.Tensor,  # [B, max_blocks] int32
+        past_lens: torch.Tensor,  # [B] int32
+        total_lens: torch.Tensor,  # [B] int32
+        logit_positions: torch.Tensor,  # [B, L] int64: which of the S rows produce logits
+        caches: list[torch.Tensor],  # k_cache.0, v_cache.0, k_cache.1, ... [num_blocks, block_size, Hkv*D]
+    ):
+        """Serving step: logits [B, L, V] (float32) and the updated caches, in input order."""
+        kv = PagedKV(block_table, slot_mapping, past_lens, total_lens)
+        cos, sin = self._rope(position_ids)
+        x = self.embed(input_ids)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, k_cache, v_cache = layer(x, cos, sin, caches[2 * i], caches[2 * i + 1], kv)
+            new_caches += [k_cache, v_cache]
+        index = logit_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, index)
+        return self.lm_head(self.final_norm(x)).float(), new_caches
+
+
+def _layer_weights(weights: dict, i: int) -> dict:
+    prefix = f"layers.{i}."
+    return {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}

@@ -1,0 +1,342 @@
+"""Checkpoint -> artifact directory: choose the weight format, export ONNX, write the manifest.
+
+    export_artifact(checkpoint, out_dir, options) writes, atomically:
+        model.onnx            the serving graph (one FlashAttention node per layer + its function body)
+        model.onnx.data       weights as external data
+        tokenizer.json        the tokenizer
+        manifest.yaml         architecture, KV layout, op versions, opset, sha256 of every file
+
+The export runs in a temporary sibling directory that is renamed into place at the end, so a
+failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from exporters.attention_function import flash_attention_function
+from exporters.checkpoint import LAYER_TENSORS, QUANT_BLOCK, BlockQuant, CheckpointError
+from exporters.model import ATTENTION_DOMAIN, ATTENTION_OP, ATTENTION_OP_VERSION, Llama
+from runtime.artifact import MODEL_FILE, WEIGHTS_FILE, write_manifest
+
+OPSET = 23
+WEIGHT_MODES = ("auto", "fp", "int8", "int4")
+COMPUTE_MODES = {"fp32": 0, "int8": 4}  # MatMulNBits accuracy_level: 4 = int8 activations
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export-model` was asked for."""
+
+    dtype: str = "fp32"  # activations, fp weights and KV cache: fp32 or fp16
+    weights: str = "auto"  # auto: keep the checkpoint's blocks or floats; fp; int8; int4
+    compute: str = "int8"  # MatMulNBits compute: int8 (fast, activations quantized) or fp32 (exact)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("dtype", self.dtype, tuple(DTYPES)),
+            ("weights", self.weights, WEIGHT_MODES),
+            ("compute", self.compute, tuple(COMPUTE_MODES)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class WeightPlan:
+    """The weights the model is built from, and what happened to each on the way."""
+
+    tensors: dict = field(default_factory=dict)
+    carried: dict[str, str] = field(default_factory=dict)  # name -> source block type kept as is
+    requantized: dict[str, str] = field(default_factory=dict)  # name -> "Q8_0 -> fp32" etc.
+
+
+def plan_weights(checkpoint, options: ExportOptions, progress: tqdm | None = None) -> WeightPlan:
+    """Read every tensor and decide its format (see ExportOptions)."""
+    config = checkpoint.config
+    plan = WeightPlan()
+    names = ["embed", "final_norm"] + [
+        f"layers.{i}.{p}" for i in range(config.num_layers) for p in LAYER_TENSORS
+    ]
+    if not config.tie_word_embeddings:
+        names.append("lm_head")
+    for name in names:
+        plan.tensors[name] = _read_weight(checkpoint, name, options, plan)
+        if progress is not None:
+            progress.update(1)
+    if config.tie_word_embeddings:
+        embed = plan.tensors["embed"]
+        exact_compute = options.compute == "fp32"
+        if isinstance(embed, BlockQuant) and (embed.bits != 8 or embed.mins is not None or exact_compute):
+            # MatMulNBits computes 8-bit weights fast only with int8 activations; keep the head exact
+            plan.tensors["lm_head"] = embed.dequantize()
+            plan.requantized["lm_head"] = (
+                f"tied {embed.kind} table dequantized to {options.dtype} for the head"
+            )
+        else:
+            plan.tensors["lm_head"] = embed
+    return plan
+
+
+MATRICES = ("embed", "lm_head", "q", "k", "v", "o", "gate", "up", "down")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _read_weight(checkpoint, name: str, options: ExportOptions, plan: WeightPlan):
+    if name.rsplit(".", 1)[-1] not in MATRICES:
+        return checkpoint.float_tensor(name)  # norms stay float
+    if options.weights != "fp":
+        blocks = checkpoint.quant_blocks(name)
+        if blocks is not None and _runs_fast(blocks.bits, name, options):
+            plan.carried[name] = blocks.kind
+            return blocks
+    source = checkpoint.tensor_type(name)
+    w = checkpoint.float_tensor(name)
+    bits = {"int8": 8, "int4": 4}.get(options.weights)
+    if name == "embed" and bits:
+        bits = 8  # a 4-bit embedding costs quality for little memory on small models
+    if bits and _runs_fast(bits, name, options) and w.shape[1] % QUANT_BLOCK == 0:
+        plan.requantized[name] = f"{source} -> {bits}-bit blocks of {QUANT_BLOCK}"
+        return quantize_blocks(w, bits)
+    if source not in FLOAT_TYPES:
+        plan.requantized[name] = f"{source} dequantized to {options.dtype}"
+    return w
+
+
+def _runs_fast(bits: int, name: str, options: ExportOptions) -> bool:
+    """MatMulNBits on CPU runs 8-bit weights fast only with int8 activations; gathers are always fine."""
+    return name == "embed" or bits == 4 or options.compute == "int8"
+
+
+def quantize_blocks(w: np.ndarray, bits: int) -> BlockQuant:
+    """Symmetric round-to-nearest blocks of 32 (Q8_0 / Q4_0 style)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(blocks).max(-1)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    zero_point = 2 ** (bits - 1)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax) + zero_point
+    kind = {8: "Q8_0", 4: "Q4_0"}[bits]
+    return BlockQuant(kind, bits, codes.astype(np.uint8).reshape(n, k), scales, zero_point, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+
+
+def example_inputs(model: Llama, dtype: torch.dtype):
+    config = model.config
+    B, S, max_blocks, num_blocks, block_size = 2, 3, 2, 5, 16
+    width = config.num_kv_heads * config.head_dim
+    caches = [torch.zeros(num_blocks, block_size, width, dtype=dtype) for _ in range(2 * config.num_layers)]
+    args = (
+        torch.zeros(B, S, dtype=torch.int64),
+        torch.zeros(B, S, dtype=torch.int64),
+        torch.zeros(B, S, dtype=torch.int64),
+        torch.zeros(B, max_blocks, dtype=torch.int32),
+        torch.zeros(B, dtype=torch.int32),
+        torch.ones(B, dtype=torch.int32),
+        torch.zeros(B, 1, dtype=torch.int64),
+        caches,
+    )
+    Dim = torch.export.Dim
+    batch, seq, blocks, logits = Dim("batch", max=65536), Dim("seq"), Dim("max_blocks"), Dim("num_logits")
+    pool = {0: Dim("num_blocks"), 1: Dim("block_size")}
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch, 1: seq},
+        {0: batch, 1: seq},
+        {0: batch, 1: blocks},
+        {0: batch},
+        {0: batch},
+        {0: batch, 1: logits},
+        [pool] * len(caches),
+    )
+    return args, dynamic
+
+
+def export_onnx(model: Llama, path: Path, dtype: torch.dtype) -> None:
+    """Export the serving graph to `path` (+ external data) with canonical input/output names."""
+    args, dynamic = example_inputs(model, dtype)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            dynamic_shapes=dynamic,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    _rename_io(proto, model.config.num_layers)
+    proto.functions.append(flash_attention_function(OPSET))
+    _check_attention_nodes(proto, model.config.num_layers)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_FILE,
+        size_threshold=1024,
+    )
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = [f"{kind}_cache.{i}" for i in range(num_layers) for kind in ("k", "v")]
+    return inputs, [f"{name}.out" for name in inputs]
+
+
+def _rename_io(proto: onnx.ModelProto, num_layers: int) -> None:
+    cache_in, cache_out = cache_names(num_layers)
+    inputs = proto.graph.input[7:]
+    outputs = proto.graph.output
+    renames = {old.name: new for old, new in zip(inputs, cache_in)}
+    renames[outputs[0].name] = "logits"
+    renames.update({old.name: new for old, new in zip(outputs[1:], cache_out)})
+    for value in list(inputs) + list(outputs):
+        value.name = renames[value.name]
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def _check_attention_nodes(proto: onnx.ModelProto, num_layers: int) -> None:
+    found = [n for n in proto.graph.node if n.domain == ATTENTION_DOMAIN and n.op_type == ATTENTION_OP]
+    if len(found) != num_layers:
+        raise RuntimeError(f"export produced {len(found)} attention nodes for {num_layers} layers")
+
+
+# ----------------------------------------------------------------------------------------------
+# The artifact
+
+
+def export_artifact(
+    checkpoint, out_dir: str | Path, options: ExportOptions, *, replace: bool = False
+) -> Path:
+    """Write the artifact for `checkpoint` to `out_dir`; an existing one is replaced only on success."""
+    out_dir = Path(out_dir)
+    if not replace and out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; remove it, pass --force or another --out")
+    config = checkpoint.config
+    dtype = DTYPES[options.dtype]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    steps = 1 + config.num_layers * len(LAYER_TENSORS) + 4
+    try:
+        with tqdm(total=steps, desc="export", unit="step", disable=not options.progress) as bar:
+            bar.set_postfix_str("tokenizer")
+            tokenizer = checkpoint.tokenizer_spec()
+            (tmp / "tokenizer.json").write_text(tokenizer.tokenizer_json)
+            bar.set_postfix_str("reading weights")
+            plan = plan_weights(checkpoint, options, bar)
+            bar.set_postfix_str("building the torch model")
+            model = Llama(config, plan.tensors, dtype, COMPUTE_MODES[options.compute]).eval()
+            del plan.tensors
+            bar.update(1)
+            bar.set_postfix_str("exporting ONNX (takes a while)")
+            export_onnx(model, tmp / MODEL_FILE, dtype)
+            del model
+            bar.update(1)
+            bar.set_postfix_str("manifest and checksums")
+            write_manifest(tmp, _manifest(config, tokenizer, options, plan))
+            bar.update(1)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> dict:
+    carried_kinds = sorted(set(plan.carried.values()))
+    return {
+        "model": {
+            "name": config.name,
+            "architecture": config.architecture,
+            "num_layers": config.num_layers,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_heads": config.num_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "vocab_size": config.vocab_size,
+            "rope_theta": config.rope_theta,
+            "rms_norm_eps": config.rms_norm_eps,
+            "max_position_embeddings": config.max_position_embeddings,
+            "sliding_window": config.sliding_window,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        },
+        "graph": {
+            "file": MODEL_FILE,
+            "opset": OPSET,
+            "dtype": options.dtype,
+            "attention_op": {
+                "domain": ATTENTION_DOMAIN,
+                "name": ATTENTION_OP,
+                "version": ATTENTION_OP_VERSION,
+            },
+            "inputs": [
+                "input_ids",
+                "position_ids",
+                "slot_mapping",
+                "block_table",
+                "past_lens",
+                "total_lens",
+                "logit_positions",
+                "k_cache.{layer}",
+                "v_cache.{layer}",
+            ],
+            "outputs": ["logits", "k_cache.{layer}.out", "v_cache.{layer}.out"],
+        },
+        "weights": {
+            "mode": options.weights,
+            "compute": options.compute,
+            "carried_block_types": carried_kinds,
+            "carried": len(plan.carried),
+            "requantized": plan.requantized,
+        },
+        "kv_cache": {
+            "format": options.dtype,
+            "layout": "paged",
+            "pool_shape": "[num_blocks, block_size, num_kv_heads * head_dim]",
+            "in_place": True,
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_ids": list(tokenizer.eos_token_ids),
+            "add_bos_token": tokenizer.add_bos_token,
+            "chat_template": tokenizer.chat_template,
+        },
+    }
+
+
+__all__ = ["ExportOptions", "export_artifact", "CheckpointError"]
