@@ -25,7 +25,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -113,7 +115,9 @@ def make_inputs(shape: Shape, rng: np.random.Generator) -> tuple[dict, dict]:
     num_blocks = B * blocks_per_row
     block_table = rng.permutation(num_blocks).astype(np.int32).reshape(B, blocks_per_row)
     positions = P + np.arange(S)
-    slot_mapping = block_table[:, positions // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
+    slot_mapping = (
+        block_table[:, positions // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
+    )
     randn = lambda *dims: rng.standard_normal(dims, dtype=np.float32)  # noqa: E731
     q, k, v = randn(B, S, NUM_HEADS * HEAD_DIM), randn(B, S, width), randn(B, S, width)
     k_cache, v_cache = randn(num_blocks, BLOCK_SIZE, width), randn(num_blocks, BLOCK_SIZE, width)
@@ -124,7 +128,9 @@ def make_inputs(shape: Shape, rng: np.random.Generator) -> tuple[dict, dict]:
         return np.ascontiguousarray(rows.reshape(B, P, NUM_KV_HEADS, HEAD_DIM).transpose(0, 2, 1, 3))
 
     ours = dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, block_table=block_table)
-    ours.update(slot_mapping=slot_mapping, past_lens=np.full(B, P, np.int32), total_lens=np.full(B, P + S, np.int32))
+    ours.update(
+        slot_mapping=slot_mapping, past_lens=np.full(B, P, np.int32), total_lens=np.full(B, P + S, np.int32)
+    )
     theirs = dict(q=q, k=k, v=v, past_key=dense_past(k_cache), past_value=dense_past(v_cache))
     return ours, theirs
 
@@ -201,36 +207,65 @@ def machine() -> dict:
     cpu = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
         cpu = models[0] if models else cpu
     return dict(platform=platform.platform(), machine=platform.machine(), cpu=cpu, cores=os.cpu_count())
 
 
+ROW = "{:<30} {:>3} {:>9} {:>10} {:>8} {:>16} {:>9}"
+
+
+def print_row(r: dict) -> None:
+    ours, theirs, speedup = f"{r['ours_ms']:.3f}", f"{r['ort_attention23_ms']:.3f}", f"{r['speedup']:.2f}x"
+    print(
+        ROW.format(
+            r["shape"], r["threads"], ours, theirs, speedup, r["ours_figure"], f"{r['max_abs_diff']:.1e}"
+        )
+    )
+
+
+def versions() -> dict:
+    gxx = shutil.which("g++")
+    compiler = (
+        subprocess.run([gxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        if gxx
+        else "?"
+    )
+    return dict(
+        python=platform.python_version(),
+        onnxruntime=ort.__version__,
+        onnx=onnx.__version__,
+        numpy=np.__version__,
+        kernel_compiler=compiler,
+        kernel_flags=" ".join(attention_cpu.CXXFLAGS),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_cpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.attention_cpu", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra_op_num_threads values")
-    parser.add_argument("--seconds", type=float, default=1.0, help="time budget per op, shape and thread count")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time budget per op, shape, thread count")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args(argv)
     info = machine()
-    print(f"device: {info['cpu']} ({info['cores']} cores), float32, Hq={NUM_HEADS} Hkv={NUM_KV_HEADS} D={HEAD_DIM}")
-    print(f"{'shape':<30} {'thr':>3} {'ours ms':>9} {'ORT-23 ms':>10} {'speedup':>8} {'ours':>16} {'max|diff|':>9}")
+    print(f"device: {info['cpu']} ({info['cores']} cores)")
+    print(f"float32, num_heads={NUM_HEADS}, num_kv_heads={NUM_KV_HEADS}, head_dim={HEAD_DIM}, causal")
+    print(ROW.format("shape", "thr", "ours ms", "ORT-23 ms", "speedup", "ours", "max|diff|"))
     results = []
     for shape in SHAPES:
         for threads in args.threads:
-            r = measure(shape, threads, args.seconds)
-            results.append(r)
-            print(
-                f"{r['shape']:<30} {threads:>3} {r['ours_ms']:>9.3f} {r['ort_attention23_ms']:>10.3f} "
-                f"{r['speedup']:>7.2f}x {r['ours_figure']:>16} {r['max_abs_diff']:>9.1e}",
-                flush=True,
-            )
+            results.append(measure(shape, threads, args.seconds))
+            print_row(results[-1])
     report = dict(
         benchmark="FlashAttention CPU kernel vs ai.onnx Attention-23",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python -m benchmarks.attention_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         machine=info,
-        versions=dict(python=platform.python_version(), onnxruntime=ort.__version__, onnx=onnx.__version__),
+        versions=versions(),
         config=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE),
         note="Median per call. The machine was shared with other work during the run, so treat the figures "
         "as indicative. Ours updates its pools in place (IO binding). ORT writes present_key/value.",

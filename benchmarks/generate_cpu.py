@@ -221,6 +221,7 @@ def rss_mb(field: str) -> float:
 
 def run_worker(args: argparse.Namespace) -> dict:
     rss_before_load_mb = rss_mb("VmRSS")
+    load_average_start = os.getloadavg()[0]
     encode, stream, notes = LOADERS[args.worker](args)
     text = build_prompt_text()
     ids = cut_prompt(encode(text), args.length)
@@ -241,6 +242,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": rss_mb("VmHWM"),
         "rss_before_load_mb": rss_before_load_mb,
         "first_output_ids": tokens[:16],
+        # 1-minute load average at load and at the end: near --threads means the machine was otherwise idle
+        "load_average_1m": [load_average_start, os.getloadavg()[0]],
         "settings": notes,
     }
 

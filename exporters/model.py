@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return self.weight * xf.to(x.dtype)  # normalize in fp32, scale in the model's dtype
 
 
 class Linear(nn.Module):

@@ -276,7 +276,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> dict:
-    carried_kinds = sorted(set(plan.carried.values()))
+    carried = {kind: list(plan.carried.values()).count(kind) for kind in sorted(set(plan.carried.values()))}
     return {
         "model": {
             "name": config.name,
@@ -319,8 +319,7 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
         "weights": {
             "mode": options.weights,
             "compute": options.compute,
-            "carried_block_types": carried_kinds,
-            "carried": len(plan.carried),
+            "carried_blocks": carried,  # GGUF block type -> tensors kept as they are
             "requantized": plan.requantized,
         },
         "kv_cache": {

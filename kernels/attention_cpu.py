@@ -42,7 +42,7 @@ HEADERS_DIR = BUILD_DIR / "ort-headers"
 LIBRARY = BUILD_DIR / "libfastattention_cpu.so"
 
 NPM_PACKAGE = "com.github.asus4.onnxruntime@0.4.9"
-# Where the tarball keeps the headers (one slice of the iOS xcframework; the headers are the same in every slice).
+# Where the tarball keeps the headers: one slice of the iOS xcframework (every slice has the same ones).
 TARBALL_HEADERS = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers/"
 CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden"]
 
@@ -111,7 +111,9 @@ def fetch_headers(verbose: bool = False) -> Path:
         staging = Path(tmp) / "ort-headers"
         count = _extract_headers(tarballs[0], staging)
         if not (staging / "onnxruntime_cxx_api.h").is_file():
-            raise BuildError(f"{NPM_PACKAGE} has no {TARBALL_HEADERS}onnxruntime_cxx_api.h: did its layout change?")
+            raise BuildError(
+                f"{NPM_PACKAGE} has no {TARBALL_HEADERS}onnxruntime_cxx_api.h: did its layout change?"
+            )
         if HEADERS_DIR.exists():
             shutil.rmtree(HEADERS_DIR)  # a partial copy left by an interrupted fetch
         staging.rename(HEADERS_DIR)
@@ -140,7 +142,9 @@ def _run(command: list[str], verbose: bool, what: str, cwd: str | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.attention_cpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.attention_cpu", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="fetch the ORT headers if missing and compile the library")
     build.add_argument("-v", "--verbose", action="store_true", help="show the output of npm and g++")

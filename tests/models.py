@@ -77,11 +77,16 @@ def write_tiny_gguf(
     *,
     seed: int = 0,
     arch: str = "llama",
-    matrix_type: QT = QT.Q4_1,
+    matrix_type: QT | tuple[QT, ...] = QT.Q4_1,
     embed_type: QT = QT.Q8_0,
     drop: tuple[str, ...] = (),
 ) -> Path:
-    """A 2-layer random Llama GGUF with the embedded model's tokenizer."""
+    """A 2-layer random Llama GGUF with the embedded model's tokenizer.
+
+    `matrix_type` may be a tuple of types, given to the 14 layer matrices in turn.
+    """
+    types = matrix_type if isinstance(matrix_type, tuple) else (matrix_type,)
+    matrix_index = 0
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny-random-llama")
     writer.add_block_count(TINY["num_layers"])
@@ -106,7 +111,12 @@ def write_tiny_gguf(
     for name, w in random_weights(seed).items():
         if name in drop:
             continue
-        qtype = QT.F32 if w.ndim == 1 else (embed_type if name.startswith("token_embd") else matrix_type)
+        if w.ndim == 1:
+            qtype = QT.F32
+        elif name.startswith("token_embd"):
+            qtype = embed_type
+        else:
+            qtype, matrix_index = types[matrix_index % len(types)], matrix_index + 1
         data = w if qtype == QT.F32 else gguf.quants.quantize(w, qtype)
         writer.add_tensor(name, data, raw_dtype=None if qtype == QT.F32 else qtype)
     writer.write_header_to_file()
@@ -170,4 +180,31 @@ def write_tiny_hf_dir(path: Path, *, seed: int = 0, architecture: str = "LlamaFo
     (path / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": chat_template, "eos_token": "<|im_end|>"})
     )
+    return path
+
+
+def write_unsupported_type_gguf(path: Path, qtype: QT = QT.Q8_1) -> Path:
+    """The tiny model with blk.0.attn_q stored as raw bytes of a type gguf cannot dequantize."""
+    base = write_tiny_gguf(path.with_suffix(".base.gguf"), matrix_type=QT.F32, embed_type=QT.F32)
+    reader = gguf.GGUFReader(str(base))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    for tensor in reader.tensors:
+        data = np.array(tensor.data)
+        if tensor.name == "blk.0.attn_q.weight":
+            rows, cols = data.shape
+            raw = rng.integers(0, 256, (rows, cols // block_values * block_bytes), dtype=np.uint8)
+            writer.add_tensor(tensor.name, raw, raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    base.unlink()
     return path

@@ -19,17 +19,20 @@
 //   numerics -> micro-kernels -> the attention job (cache update, decode kernel, tiled prefill kernel,
 //   split-KV combine) -> validation -> ORT glue (kernel, op, RegisterCustomOps).
 //
-// Speed. The inner loops are plain C++ over fixed-size arrays, and g++ -O3 -march=native vectorizes them;
-// no intrinsics, so the same code builds on x86-64 and aarch64. Work items are (query tile, row, KV head,
-// key split), run on ORT's intra-op pool through KernelContext_ParallelFor.
-//   - Decode (one query per row): the kernel computes all the query heads of a KV head's group together,
-//     so each K and V row is streamed from the pool once. Short batches split the keys into chunks and
-//     merge the partial softmaxes afterwards (flash-decoding) to give every thread work.
+// Speed. The inner loops are written on GCC/Clang vector types (see "micro-kernels"). They are portable
+// C++ for g++ and clang on x86-64 and aarch64, and need no intrinsics. Work items are (query tile, row,
+// KV head, key split). They run on ORT's intra-op thread pool through KernelContext_ParallelFor, or
+// serially when the call is too small to pay for waking the pool.
+//   - Decode (one query per row): all the query heads of a KV head's group are computed together, so each
+//     K and V row is read from the pool once. The next chunk's rows are prefetched, because the paged and
+//     head-strided rows defeat the hardware prefetchers. Short batches split the keys into chunks and
+//     merge the partial softmaxes afterwards (flash-decoding), so every thread gets work.
 //   - Prefill: FlashAttention-2 tiles. A tile holds up to 64 query rows (positions x group heads) and
-//     loops over 64-key tiles with an online softmax. It skips tiles that are fully masked by the causal
-//     mask or the window, and masks only the tiles on the diagonal.
+//     loops over 64-key tiles with an online softmax. It visits only the keys that some row of the tile
+//     can see (tiles above the causal diagonal or before the window are skipped), and it masks only the
+//     tiles on the diagonal or the window's edge.
 //   Tile sizes were picked on a 2-vCPU AMD EPYC VM (AVX-512), 2026-11. To re-tune, change kRowsPerTile,
-//   kKeyTile and kDecodeChunk and rerun `python -m benchmarks.attention_cpu`.
+//   kKeyTile, kDecodeChunk and the micro-kernel shapes, then rerun `python -m benchmarks.attention_cpu`.
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
@@ -50,8 +53,17 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------ numerics
 
-#if defined(__FLT16_MAX__)
-using half = _Float16;  // g++ >= 12 on x86-64 and aarch64: converts with F16C / FP16 instructions
+// fp16 storage type: a native one where the compiler has it (conversions then use F16C on x86-64, FCVT
+// on aarch64), else a struct converted by ORT's bit-exact helpers.
+#if defined(__ARM_FP16_FORMAT_IEEE)
+#define FASTATTENTION_NATIVE_HALF 1
+using half = __fp16;  // aarch64 (ACLE)
+#elif defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTATTENTION_NATIVE_HALF 1
+using half = _Float16;  // g++ >= 12, clang >= 15
+#endif
+
+#if defined(FASTATTENTION_NATIVE_HALF)
 inline float to_f32(half x) { return static_cast<float>(x); }
 template <typename T>
 inline T from_f32(float x) { return static_cast<T>(x); }
@@ -264,6 +276,7 @@ constexpr int64_t kDecodeChunk = 64;    // decode: keys per chunk of the online 
 constexpr int kMaxDecodeGroup = 8;      // decode kernel for up to this many query heads per KV head
 constexpr int64_t kMinItems = 16;       // split the keys of short batches until there are this many items
 constexpr int64_t kMinSplitKeys = 256;  // ... but keep at least this many keys per split
+constexpr int64_t kMinParallelFlops = int64_t{1} << 20;  // below this (~10-20 us) waking the pool costs more
 
 // Per-thread buffers, grown on demand and reused across calls.
 struct Scratch {
@@ -312,6 +325,7 @@ struct Job {
   T* o;
   // work decomposition
   int64_t q_tile = 1, num_q_tiles = 1, num_splits = 1, partial_rows = 0;
+  int64_t flops = 0;  // upper bound of the FLOPs of QK^T and PV: decides whether to go parallel
   mutable std::vector<float> partial;  // per item (each writes its own slice): O [rows, D], m [rows], l [rows]
 
   int64_t real_len(int64_t b) const { return std::clamp<int64_t>(int64_t{total[b]} - past[b], 0, n.S); }
@@ -347,7 +361,10 @@ struct Job {
     num_q_tiles = (n.S + q_tile - 1) / q_tile;
     const int64_t base = num_q_tiles * n.B * n.Hkv;
     int64_t longest = 0;
-    for (int64_t b = 0; b < n.B; ++b) longest = std::max<int64_t>(longest, total[b]);
+    for (int64_t b = 0; b < n.B; ++b) {
+      longest = std::max<int64_t>(longest, total[b]);
+      flops += 4 * real_len(b) * total[b] * n.Hq * n.D;
+    }
     num_splits = 1;
     if (base < kMinItems)
       num_splits = std::max<int64_t>(1, std::min((kMinItems + base - 1) / base, longest / kMinSplitKeys));
@@ -590,7 +607,7 @@ template <typename Job>
 void run_items(OrtKernelContext* context, const Job& job) {
   const size_t count = static_cast<size_t>(job.num_items());
   void* user = const_cast<Job*>(&job);
-  if (count > 1) {
+  if (count > 1 && job.flops >= kMinParallelFlops) {
     OrtStatus* status = Ort::GetApi().KernelContext_ParallelFor(context, &run_item_entry<Job>, count, 0, user);
     if (status == nullptr) return;
     Ort::GetApi().ReleaseStatus(status);

@@ -19,7 +19,7 @@ from runtime.artifact import load_artifact, sha256_file
 from runtime.backends.onnxruntime import OrtBackend, StepBatch
 from runtime.config import RuntimeConfig
 from runtime.kv_cache import KVCacheLayout
-from tests.models import write_tiny_gguf, write_tiny_hf_dir
+from tests.models import write_tiny_gguf, write_tiny_hf_dir, write_unsupported_type_gguf
 
 
 def _prefill_logits(artifact_dir, ids: list[int], kernel: str = "function") -> np.ndarray:
@@ -54,16 +54,29 @@ def _reference_logits(checkpoint_path, ids: list[int]) -> np.ndarray:
 IDS = [1, 504, 3458, 282, 4649, 314, 28, 17, 9, 4029, 100, 2, 7, 41000, 33, 12, 5, 77, 18]
 
 
-@pytest.mark.parametrize("matrix_type", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.BF16, QT.Q5_1, QT.F32])
-def test_gguf_types_export_exactly(tmp_path, matrix_type):
-    """Carried blocks (Q4_0/Q4_1/Q8_0) and dequantized types match the gguf-dequantized reference."""
-    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=matrix_type)
-    out = export_artifact(
-        open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(compute="fp32", progress=False)
-    )
+MIXED = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.BF16, QT.Q5_1, QT.F32)  # 14 matrices: each type twice
+
+
+def test_gguf_types_export_exactly_with_a_complete_manifest(tmp_path):
+    """Carried blocks (Q4_0, Q4_1) and dequantized types match the gguf-dequantized reference."""
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=MIXED)
+    out = export_artifact(open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(compute="fp32", progress=False))
     manifest = yaml.safe_load((out / "manifest.yaml").read_text())
-    carried = matrix_type.name in ("Q4_0", "Q4_1")  # 8-bit blocks are carried only with int8 compute
-    assert (matrix_type.name in manifest["weights"]["carried_block_types"]) == carried
+    # 8-bit blocks are carried only with int8 compute (fp32 compute would be slow): the Q8_0 embedding
+    # is gathered from its blocks, Q8_0 matrices and the tied head are dequantized, Q5_1 too
+    assert manifest["weights"]["carried_blocks"] == {"Q4_0": 2, "Q4_1": 2, "Q8_0": 1}
+    requantized = manifest["weights"]["requantized"]
+    assert requantized["layers.0.v"] == "Q8_0 dequantized to fp32"  # the third matrix of layer 0
+    assert requantized["layers.0.up"] == "Q5_1 dequantized to fp32"
+    assert "tied Q8_0 table" in requantized["lm_head"] and len(requantized) == 5
+    files = {p.name for p in out.iterdir()} - {"manifest.yaml"}
+    assert set(manifest["files"]) == files == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(out / name)
+    assert manifest["kv_cache"]["format"] == "fp32" and manifest["graph"]["opset"] == 23
+    json.loads((out / "tokenizer.json").read_text())
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "FlashAttention" for n in graph.graph.node) == 2
     ours, ref = _prefill_logits(out, IDS), _reference_logits(gguf_path, IDS)
     assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
@@ -72,7 +85,7 @@ def test_int8_compute_carries_8bit_blocks(tmp_path):
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=QT.Q8_0)
     out = export_artifact(open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(progress=False))
     manifest = yaml.safe_load((out / "manifest.yaml").read_text())
-    assert manifest["weights"]["carried_block_types"] == ["Q8_0"] and manifest["weights"]["requantized"] == {}
+    assert manifest["weights"]["carried_blocks"] == {"Q8_0": 15} and manifest["weights"]["requantized"] == {}
     ours, ref = _prefill_logits(out, IDS), _reference_logits(gguf_path, IDS)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
     assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()  # activations are rounded to int8
@@ -100,20 +113,6 @@ def test_int4_weights_requantize_and_say_so(tmp_path):
     assert requantized["embed"] == "F32 -> 8-bit blocks of 32"
     ours, ref = _prefill_logits(out, IDS), _reference_logits(hf, IDS)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6  # a random tiny model is fragile at 4 bits
-
-
-def test_manifest_checksums_every_file(tmp_path):
-    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    out = export_artifact(open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(progress=False))
-    manifest = yaml.safe_load((out / "manifest.yaml").read_text())
-    files = {p.name for p in out.iterdir()} - {"manifest.yaml"}
-    assert set(manifest["files"]) == files == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    for name, entry in manifest["files"].items():
-        assert entry["sha256"] == sha256_file(out / name)
-    assert manifest["kv_cache"]["format"] == "fp32" and manifest["graph"]["opset"] == 23
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert sum(n.op_type == "FlashAttention" for n in graph.graph.node) == 2
-    json.loads((out / "tokenizer.json").read_text())
 
 
 def test_fp16_export_runs_close_to_fp32(tmp_path):
@@ -155,7 +154,7 @@ def test_truncated_gguf(tmp_path, capsys):
 
 
 def test_unsupported_quant_type(tmp_path, capsys):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=QT.Q8_1)
+    path = write_unsupported_type_gguf(tmp_path / "tiny.gguf", QT.Q8_1)
     code, err = _run_cli([str(path), "--out", str(tmp_path / "art")], capsys)
     assert code == 2 and "Q8_1" in err and "blk.0." in err
     _assert_nothing_written(tmp_path)
