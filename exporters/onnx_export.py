@@ -170,20 +170,24 @@ def example_inputs(model: Llama, dtype: torch.dtype):
     return args, dynamic
 
 
-def export_onnx(model: Llama, path: Path, dtype: torch.dtype) -> None:
-    """Export the serving graph to `path` (+ external data) with canonical input/output names."""
+EXPORT_STAGES = ("tracing and translating to ONNX", "optimizing the graph", "writing files")
+
+
+def export_onnx(model: Llama, path: Path, dtype: torch.dtype, stage=lambda name: None) -> None:
+    """Export the serving graph to `path` (+ external data) with canonical input/output names.
+
+    `stage(name)` is called as each of EXPORT_STAGES begins (for progress display).
+    """
     args, dynamic = example_inputs(model, dtype)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
+        stage(EXPORT_STAGES[0])
         program = torch.onnx.export(
-            model,
-            args,
-            dynamo=True,
-            opset_version=OPSET,
-            dynamic_shapes=dynamic,
-            optimize=True,
-            verbose=False,
+            model, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic, optimize=False, verbose=False
         )
+        stage(EXPORT_STAGES[1])
+        program.optimize()
+    stage(EXPORT_STAGES[2])
     proto = program.model_proto
     _rename_io(proto, model.config.num_layers)
     proto.functions.append(flash_attention_function(OPSET))
@@ -196,6 +200,18 @@ def export_onnx(model: Llama, path: Path, dtype: torch.dtype) -> None:
         location=WEIGHTS_FILE,
         size_threshold=1024,
     )
+
+
+class _quiet_torch_logs:
+    """The exporter logs warnings about optional packages (torchvision) that do not concern us."""
+
+    def __enter__(self):
+        self._logger = logging.getLogger("torch.onnx")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)
 
 
 def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -238,30 +254,40 @@ def export_artifact(
     dtype = DTYPES[options.dtype]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    steps = 1 + config.num_layers * len(LAYER_TENSORS) + 4
+    quiet = not options.progress
     try:
-        with tqdm(total=steps, desc="export", unit="step", disable=not options.progress) as bar:
-            bar.set_postfix_str("tokenizer")
-            tokenizer = checkpoint.tokenizer_spec()
-            (tmp / "tokenizer.json").write_text(tokenizer.tokenizer_json)
-            bar.set_postfix_str("reading weights")
+        tokenizer = checkpoint.tokenizer_spec()
+        (tmp / "tokenizer.json").write_text(tokenizer.tokenizer_json)
+        num_tensors = 2 + config.num_layers * len(LAYER_TENSORS) + (not config.tie_word_embeddings)
+        with tqdm(total=num_tensors, desc="reading weights", unit="tensor", disable=quiet) as bar:
             plan = plan_weights(checkpoint, options, bar)
-            bar.set_postfix_str("building the torch model")
-            model = Llama(config, plan.tensors, dtype, COMPUTE_MODES[options.compute]).eval()
-            del plan.tensors
-            bar.update(1)
-            bar.set_postfix_str("exporting ONNX (takes a while)")
-            export_onnx(model, tmp / MODEL_FILE, dtype)
+        model = Llama(config, plan.tensors, dtype, COMPUTE_MODES[options.compute]).eval()
+        del plan.tensors
+        with tqdm(total=len(EXPORT_STAGES), desc="exporting", unit="stage", disable=quiet) as bar:
+
+            def stage(name: str) -> None:
+                bar.n = EXPORT_STAGES.index(name)  # stages finished so far
+                bar.set_postfix_str(name)  # also redraws the bar
+
+            export_onnx(model, tmp / MODEL_FILE, dtype, stage)
             del model
-            bar.update(1)
-            bar.set_postfix_str("manifest and checksums")
             write_manifest(tmp, _manifest(config, tokenizer, options, plan))
-            bar.update(1)
+            bar.update(len(EXPORT_STAGES) - bar.n)
+        _publish(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _publish(folder: Path) -> None:
+    """Give the artifact the usual permissions (mkdtemp and the ONNX writer make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -88,3 +88,15 @@ def native_kernel_available() -> bool:
     if not available and os.environ.get("CI"):
         pytest.fail("the CPU attention kernel is not built in CI; `make kernels` must run first")
     return available
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A 2-layer random model (context 256) exported with fp32 weights: fast engine tests."""
+    from exporters.checkpoint import open_checkpoint
+    from tests.models import write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny")
+    gguf_path = write_tiny_gguf(folder / "tiny.gguf")
+    options = ExportOptions(weights="fp", compute="fp32", progress=False)
+    return export_artifact(open_checkpoint(gguf_path), folder / "artifact", options)

@@ -464,9 +464,9 @@ struct Job {
       if (n0 + nk < kb) prefetch(b, h, n0 + nk, std::min(kDecodeChunk, kb - n0 - nk));
       gather(b, h, n0, nk, sc, krows, vrows);
       constexpr int KB = NG <= 3 ? 4 : (NG <= 6 ? 2 : 1);  // keys per call: about 12 accumulators
-      int64_t i = 0;
-      for (; i + KB <= nk; i += KB) group_dots<NG, KB>(qs, D, krows + i, &p[0][i], kDecodeChunk);
-      for (; i < nk; ++i) group_dots<NG, 1>(qs, D, krows + i, &p[0][i], kDecodeChunk);
+      int64_t key = 0;
+      for (; key + KB <= nk; key += KB) group_dots<NG, KB>(qs, D, krows + key, &p[0][key], kDecodeChunk);
+      for (; key < nk; ++key) group_dots<NG, 1>(qs, D, krows + key, &p[0][key], kDecodeChunk);
       for (int g = 0; g < NG; ++g) {
         const float m_new = max_of(p[g], nk, m[g]);
         const float alpha = exp_approx(m[g] - m_new);
@@ -502,10 +502,11 @@ struct Job {
                     float* m, float* l) const {
     const int64_t G = n.G, D = n.D, M = npos * G, Mp = round_up(M, kPanel);
     float* Qt = grow(sc.qt, D * Mp);  // Q^T [D, Mp], pre-scaled, zero in the padding columns
-    for (int64_t j = 0; j < Mp; ++j) {
+    for (int64_t j = 0; j < M; ++j) {
       const T* qr = q + (b * n.S + s0 + j / G) * n.Hq * D + (h * G + j % G) * D;
-      for (int64_t d = 0; d < D; ++d) Qt[d * Mp + j] = j < M ? to_f32(qr[d]) * scale : 0.0f;
+      for (int64_t d = 0; d < D; ++d) Qt[d * Mp + j] = to_f32(qr[d]) * scale;
     }
+    for (int64_t d = 0; d < D; ++d) std::fill(Qt + d * Mp + M, Qt + (d + 1) * Mp, 0.0f);
     int64_t* lo = grow(sc.lo, Mp);
     int64_t* hi = grow(sc.hi, Mp);
     for (int64_t j = 0; j < Mp; ++j) {
@@ -694,7 +695,9 @@ std::string check_indices(const Sizes& n, const int32_t* table, const int64_t* s
                      ") (num_blocks=", n.NB, " * block_size=", n.BS, ")");
   for (int64_t b = 0; b < n.B; ++b) {
     if (past[b] < 0) return message("past_lens[", b, "] = ", past[b], " is negative");
-    if (total[b] < 0) return message("total_lens[", b, "] = ", total[b], " is negative");
+    if (total[b] < past[b] || total[b] > past[b] + n.S)
+      return message("total_lens[", b, "] = ", total[b], " is not past_lens + new tokens: it must lie in [", past[b],
+                     ", ", past[b] + n.S, "] (past_lens[", b, "] = ", past[b], ", S = ", n.S, ")");
     const int64_t blocks = (int64_t{total[b]} + n.BS - 1) / n.BS;
     if (blocks > n.MB)
       return message("block_table too narrow: total_lens[", b, "] = ", total[b], " needs ", blocks,

@@ -213,8 +213,12 @@ def _bad_block(case: dict) -> None:
     case["block_table"][2, 3] = 1000
 
 
-def _total_beyond_table(case: dict) -> None:
-    case["total_lens"][0] = case["block_table"].shape[1] * case["k_cache"].shape[1] + 1
+def _total_beyond_new_tokens(case: dict) -> None:
+    case["total_lens"][0] = 18
+
+
+def _total_below_past(case: dict) -> None:
+    case["total_lens"][1] = 4
 
 
 def _wrong_kv_width(case: dict) -> None:
@@ -225,11 +229,15 @@ def _wrong_kv_width(case: dict) -> None:
     "corrupt,message",
     [
         (_narrow_block_table, r"block_table too narrow: total_lens\[0\] = 17 needs 2 blocks"),
-        (_total_beyond_table, r"block_table too narrow: total_lens\[0\] = 145 needs 10 blocks"),
+        (
+            _total_beyond_new_tokens,
+            r"total_lens\[0\] = 18 is not past_lens \+ new tokens: it must lie in \[0, 17\]",
+        ),
         (_bad_block, r"block_table\[2, 3\] = 1000 is out of range \[0, 13\)"),
+        (_total_below_past, r"total_lens\[1\] = 4 is not past_lens \+ new tokens: it must lie in \[5, 22\]"),
         (_wrong_kv_width, r"k shape \[3, 17, 191\] != \[B, S, num_kv_heads \* head_dim\]"),
     ],
-    ids=["narrow-table", "total-beyond-table", "bad-block", "kv-width"],
+    ids=["narrow-table", "total-beyond-new-tokens", "bad-block", "total-below-past", "kv-width"],
 )
 def test_bad_inputs_are_errors(corrupt, message):
     case = make_case(seed=6, past_lens=[0, 5, 130], new_lens=[17, 1, 9])
