@@ -211,7 +211,14 @@ def machine() -> dict:
             line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
         ]
         cpu = models[0] if models else cpu
-    return dict(platform=platform.platform(), machine=platform.machine(), cpu=cpu, cores=os.cpu_count())
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    return dict(
+        platform=platform.platform(),
+        machine=platform.machine(),
+        cpu=cpu,
+        cores=os.cpu_count(),
+        load_average=load,
+    )
 
 
 ROW = "{:<30} {:>3} {:>9} {:>10} {:>8} {:>16} {:>9}"
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(
         benchmark="FlashAttention CPU kernel vs ai.onnx Attention-23",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python -m benchmarks.attention_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=" ".join(["python -m benchmarks.attention_cpu", *(sys.argv[1:] if argv is None else argv)]),
         machine=info,
         versions=versions(),
         config=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE),

@@ -61,6 +61,7 @@ VERSIONED_PACKAGES = (
     "onnxruntime-genai",
     "onnxruntime",
     "transformers",
+    "accelerate",
     "torch",
     "numpy",
 )
@@ -434,7 +435,8 @@ def machine_info(args: argparse.Namespace) -> dict:
     }
 
 
-def print_table(engines: dict, lengths: list[int]) -> None:
+def print_table(machine: dict, engines: dict, lengths: list[int]) -> None:
+    print(f"{machine['cpu_model']}, {machine['cores']} cores, {machine['threads']} threads per engine")
     print(f"{'engine':<16}{'N':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
     for name, entry in engines.items():
         if entry["status"] != "ok":
@@ -474,7 +476,7 @@ def parent_main(args: argparse.Namespace) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(engines, args.lengths)
+    print_table(report["machine"], engines, args.lengths)
     print(f"wrote {args.output}")
     return 0 if all(entry["status"] != "failed" for entry in engines.values()) else 1
 

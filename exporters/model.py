@@ -150,10 +150,51 @@ def rope_tables(config: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.cos(angles)).to(dtype), torch.from_numpy(np.sin(angles)).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; cos/sin [B, S, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+class Rope:
+    """cos/sin tables [max_positions, D/2] and this step's position_ids [B, S]."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor) -> None:
+        self.cos, self.sin, self.position_ids = cos, sin, position_ids
+
+    def __call__(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """Rotate-half RoPE on x [B, S, num_heads * D]; one ONNX RotaryEmbedding-23 node when exported."""
+        return torch.onnx.ops.rotary_embedding(x, self.cos, self.sin, self.position_ids, num_heads=num_heads)
+
+
+def fuse_rows(weights: list) -> np.ndarray | BlockQuant | None:
+    """Stack projections of one input into one weight, when they share a format; else None."""
+    if all(isinstance(w, np.ndarray) for w in weights):
+        return np.concatenate(weights, axis=0)
+    if not all(isinstance(w, BlockQuant) for w in weights):
+        return None
+    first = weights[0]
+    same = all((w.bits, w.zero_point, w.mins is None) == (first.bits, first.zero_point, first.mins is None) for w in weights)
+    if not same:
+        return None
+    return BlockQuant(
+        first.kind,
+        first.bits,
+        np.concatenate([w.codes for w in weights]),
+        np.concatenate([w.scales for w in weights]),
+        first.zero_point,
+        None if first.mins is None else np.concatenate([w.mins for w in weights]),
+    )
+
+
+class FusedLinear(nn.Module):
+    """Several projections of one input: one matmul whose output is split, when formats allow."""
+
+    def __init__(self, weights: list, dtype: torch.dtype, accuracy_level: int) -> None:
+        super().__init__()
+        self.sizes = [(w.codes if isinstance(w, BlockQuant) else w).shape[0] for w in weights]
+        fused = fuse_rows(weights)
+        parts = [fused] if fused is not None else weights
+        self.parts = nn.ModuleList(Linear(w, dtype, accuracy_level) for w in parts)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if len(self.parts) == 1:
+            return list(self.parts[0](x).split(self.sizes, dim=-1))
+        return [part(x) for part in self.parts]
 
 
 class PagedKV:
@@ -176,24 +217,22 @@ class Attention(nn.Module):
         )
         self.sliding_window = config.sliding_window
         self.kv_format = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
-        self.q, self.k, self.v, self.o = (Linear(weights[n], dtype, accuracy_level) for n in "qkvo")
+        self.qkv = FusedLinear([weights[n] for n in "qkv"], dtype, accuracy_level)
+        self.o = Linear(weights["o"], dtype, accuracy_level)
 
-    def project(self, x, cos, sin):
+    def project(self, x, rope: Rope):
+        """q [B, S, Hq*D], k and v [B, S, Hkv*D], RoPE applied."""
+        q, k, v = self.qkv(x)
+        return rope(q, self.num_heads), rope(k, self.num_kv_heads), v
+
+    def forward_dense(self, x, rope: Rope) -> torch.Tensor:
         B, S, _ = x.shape
-        q = apply_rope(self.q(x).view(B, S, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k(x).view(B, S, self.num_kv_heads, self.head_dim), cos, sin)
-        return q, k, self.v(x).view(B, S, self.num_kv_heads, self.head_dim)
-
-    def forward_dense(self, x, cos, sin) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin)
-        out = attention_ref(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sliding_window=self.sliding_window
-        )
+        q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in self.project(x, rope))
+        out = attention_ref(q, k, v, sliding_window=self.sliding_window)
         return self.o(out.transpose(1, 2).flatten(2))
 
-    def forward(self, x, cos, sin, k_cache, v_cache, kv: PagedKV):
-        q, k, v = self.project(x, cos, sin)
-        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+    def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV):
+        q, k, v = self.project(x, rope)
         attrs = dict(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
@@ -222,12 +261,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
         super().__init__()
-        self.gate, self.up, self.down = (
-            Linear(weights[n], dtype, accuracy_level) for n in ("gate", "up", "down")
-        )
+        self.gate_up = FusedLinear([weights["gate"], weights["up"]], dtype, accuracy_level)
+        self.down = Linear(weights["down"], dtype, accuracy_level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -238,12 +277,12 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(weights["mlp_norm"], config.rms_norm_eps, dtype)
         self.mlp = MLP(weights, dtype, accuracy_level)
 
-    def forward_dense(self, x, cos, sin):
-        x = x + self.attn.forward_dense(self.attn_norm(x), cos, sin)
+    def forward_dense(self, x, rope: Rope):
+        x = x + self.attn.forward_dense(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x, cos, sin, k_cache, v_cache, kv: PagedKV):
-        h, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, kv)
+    def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV):
+        h, k_cache, v_cache = self.attn(self.attn_norm(x), rope, k_cache, v_cache, kv)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
@@ -273,16 +312,16 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos)
         self.register_buffer("rope_sin", sin)
 
-    def _rope(self, position_ids: torch.Tensor):
-        return self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)
+    def _rope(self, position_ids: torch.Tensor) -> Rope:
+        return Rope(self.rope_cos, self.rope_sin, position_ids)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reference: logits for every position of [B, S] ids, no cache."""
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        cos, sin = self._rope(positions)
+        rope = self._rope(positions)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer.forward_dense(x, cos, sin)
+            x = layer.forward_dense(x, rope)
         return self.lm_head(self.final_norm(x)).float()
 
     def forward(
@@ -298,11 +337,11 @@ class Llama(nn.Module):
     ):
         """Serving step: logits [B, L, V] (float32) and the updated caches, in input order."""
         kv = PagedKV(block_table, slot_mapping, past_lens, total_lens)
-        cos, sin = self._rope(position_ids)
+        rope = self._rope(position_ids)
         x = self.embed(input_ids)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, k_cache, v_cache = layer(x, cos, sin, caches[2 * i], caches[2 * i + 1], kv)
+            x, k_cache, v_cache = layer(x, rope, caches[2 * i], caches[2 * i + 1], kv)
             new_caches += [k_cache, v_cache]
         index = logit_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.gather(x, 1, index)

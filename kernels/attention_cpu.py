@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -80,12 +81,17 @@ def build_library(verbose: bool = False) -> Path:
     compiler = shutil.which("g++")
     if compiler is None:
         raise BuildError("g++ not found on PATH: it is needed to compile the FlashAttention CPU kernel.")
-    staging = LIBRARY.with_suffix(".so.tmp")
+    staging = (
+        BUILD_DIR / f"{LIBRARY.name}.{os.getpid()}.tmp"
+    )  # one per process: test workers may build at once
     command = [compiler, *CXXFLAGS, f"-I{HEADERS_DIR}", str(SOURCE), "-o", str(staging)]
     log.info("compiling %s -> %s", SOURCE.name, LIBRARY)
     start = time.perf_counter()
-    _run(command, verbose, "g++")
-    staging.replace(LIBRARY)  # atomic: a process that already loaded the old .so keeps its copy
+    try:
+        _run(command, verbose, "g++")
+        staging.replace(LIBRARY)  # atomic: a process that already loaded the old .so keeps its copy
+    finally:
+        staging.unlink(missing_ok=True)
     log.info("built %s in %.1f s", LIBRARY, time.perf_counter() - start)
     return LIBRARY
 
@@ -114,6 +120,8 @@ def fetch_headers(verbose: bool = False) -> Path:
             raise BuildError(
                 f"{NPM_PACKAGE} has no {TARBALL_HEADERS}onnxruntime_cxx_api.h: did its layout change?"
             )
+        if (HEADERS_DIR / "onnxruntime_cxx_api.h").is_file():
+            return HEADERS_DIR  # another process fetched them meanwhile
         if HEADERS_DIR.exists():
             shutil.rmtree(HEADERS_DIR)  # a partial copy left by an interrupted fetch
         staging.rename(HEADERS_DIR)
