@@ -43,13 +43,14 @@ def _write_pool(prefix: str) -> list[onnx.NodeProto]:
     ScatterND writes straight into the node's output, so when the runtime binds one buffer as the
     pool's input and output, ONNX Runtime updates it in place instead of copying the whole pool.
     """
+    make = helper.make_node
     return [
-        helper.make_node("Reshape", [prefix, "flat_shape"], [f"{prefix}_rows"]),
-        helper.make_node(
-            "ScatterND", [f"{prefix}_cache", "slots", f"{prefix}_rows"], [f"{prefix}_cache_out"]
-        ),
-        helper.make_node("Gather", [f"{prefix}_cache_out", "block_table"], [f"{prefix}_blocks"], axis=0),
-        helper.make_node("Reshape", [f"{prefix}_blocks", "row_shape"], [f"{prefix}_keys"]),
+        make("Reshape", [prefix, "flat_shape"], [f"{prefix}_rows_q"]),
+        make("CastLike", [f"{prefix}_rows_q", f"{prefix}_cache"], [f"{prefix}_rows"]),  # to the KV format
+        make("ScatterND", [f"{prefix}_cache", "slots", f"{prefix}_rows"], [f"{prefix}_cache_out"]),
+        make("Gather", [f"{prefix}_cache_out", "block_table"], [f"{prefix}_blocks"], axis=0),
+        make("Reshape", [f"{prefix}_blocks", "row_shape"], [f"{prefix}_keys_kv"]),
+        make("CastLike", [f"{prefix}_keys_kv", "q"], [f"{prefix}_keys"]),  # back to q's type
     ]
 
 

@@ -46,15 +46,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help=f"artifact directory to create (default for the embedded model: {DEFAULT_OUT})",
     )
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="activations and float weights")
     p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "fp16"], help="activations, float weights, KV cache"
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16"],
+        help="KV cache storage (auto: as --dtype)",
     )
     p.add_argument(
         "--weights",
         default="auto",
         choices=["auto", "fp", "int8", "int4"],
         help="auto: keep the checkpoint's quantized blocks or floats; fp: dequantize all; "
-        "int8/int4: weight-only quantization of float matrices (blocks of 32)",
+        "int8/int4: weight-only quantization of float matrices (blocks of 32); int4 also re-quantizes "
+        "a tied output head to 4 bits (fast; the manifest lists every re-quantized tensor)",
     )
     p.add_argument(
         "--compute",
@@ -79,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             DEFAULT_OUT if args.checkpoint is None else Path("artifacts") / source.stem.lower()
         )
         options = ExportOptions(
-            dtype=args.dtype, weights=args.weights, compute=args.compute, progress=not args.quiet
+            dtype=args.dtype,
+            kv_dtype=args.kv_dtype,
+            weights=args.weights,
+            compute=args.compute,
+            progress=not args.quiet,
         )
         checkpoint = open_checkpoint(source)
         if args.force:

@@ -28,6 +28,7 @@ from kernels.reference import attention_ref, paged_attention_ref
 ATTENTION_DOMAIN = "fastattention"
 ATTENTION_OP = "FlashAttention"
 ATTENTION_OP_VERSION = 1
+KV_FORMATS = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +169,10 @@ def fuse_rows(weights: list) -> np.ndarray | BlockQuant | None:
     if not all(isinstance(w, BlockQuant) for w in weights):
         return None
     first = weights[0]
-    same = all((w.bits, w.zero_point, w.mins is None) == (first.bits, first.zero_point, first.mins is None) for w in weights)
+    same = all(
+        (w.bits, w.zero_point, w.mins is None) == (first.bits, first.zero_point, first.mins is None)
+        for w in weights
+    )
     if not same:
         return None
     return BlockQuant(
@@ -216,7 +220,6 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.sliding_window = config.sliding_window
-        self.kv_format = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
         self.qkv = FusedLinear([weights[n] for n in "qkv"], dtype, accuracy_level)
         self.o = Linear(weights["o"], dtype, accuracy_level)
 
@@ -239,7 +242,7 @@ class Attention(nn.Module):
             scale=float(self.head_dim**-0.5),
             causal=1,
             sliding_window=self.sliding_window,
-            kv_format=self.kv_format,
+            kv_format=KV_FORMATS[k_cache.dtype],  # the pool's storage; may differ from q's type
         )
         inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
         if torch.onnx.is_in_onnx_export():

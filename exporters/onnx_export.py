@@ -41,14 +41,20 @@ log = logging.getLogger(__name__)
 class ExportOptions:
     """What `export-model` was asked for."""
 
-    dtype: str = "fp32"  # activations, fp weights and KV cache: fp32 or fp16
+    dtype: str = "fp32"  # activations and fp weights: fp32 or fp16
+    kv_dtype: str = "auto"  # KV cache storage: fp32, fp16, or auto (= dtype)
     weights: str = "auto"  # auto: keep the checkpoint's blocks or floats; fp; int8; int4
     compute: str = "int8"  # MatMulNBits compute: int8 (fast, activations quantized) or fp32 (exact)
     progress: bool = True
 
+    @property
+    def kv_format(self) -> str:
+        return self.dtype if self.kv_dtype == "auto" else self.kv_dtype
+
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("dtype", self.dtype, tuple(DTYPES)),
+            ("kv-dtype", self.kv_dtype, ("auto", *DTYPES)),
             ("weights", self.weights, WEIGHT_MODES),
             ("compute", self.compute, tuple(COMPUTE_MODES)),
         ):
@@ -79,17 +85,24 @@ def plan_weights(checkpoint, options: ExportOptions, progress: tqdm | None = Non
         if progress is not None:
             progress.update(1)
     if config.tie_word_embeddings:
-        embed = plan.tensors["embed"]
-        exact_compute = options.compute == "fp32"
-        if isinstance(embed, BlockQuant) and (embed.bits != 8 or embed.mins is not None or exact_compute):
-            # MatMulNBits computes 8-bit weights fast only with int8 activations; keep the head exact
-            plan.tensors["lm_head"] = embed.dequantize()
-            plan.requantized["lm_head"] = (
-                f"tied {embed.kind} table dequantized to {options.dtype} for the head"
-            )
-        else:
-            plan.tensors["lm_head"] = embed
+        plan.tensors["lm_head"] = _tied_head(plan.tensors["embed"], options, plan)
     return plan
+
+
+def _tied_head(embed, options: ExportOptions, plan: WeightPlan):
+    """The output projection of a tied model: the embedding table itself, when MatMulNBits runs it well."""
+    source = embed.kind if isinstance(embed, BlockQuant) else "float"
+    if options.weights == "int4" and options.compute == "int8":
+        table = embed.dequantize() if isinstance(embed, BlockQuant) else embed
+        plan.requantized["lm_head"] = f"tied {source} table -> 4-bit blocks of {QUANT_BLOCK} for the head"
+        return quantize_blocks(table, 4)
+    if isinstance(embed, BlockQuant) and (
+        embed.bits != 8 or embed.mins is not None or options.compute == "fp32"
+    ):
+        # MatMulNBits computes 8-bit weights fast only with int8 activations; keep the head exact
+        plan.requantized["lm_head"] = f"tied {source} table dequantized to {options.dtype} for the head"
+        return embed.dequantize()
+    return embed
 
 
 MATRICES = ("embed", "lm_head", "q", "k", "v", "o", "gate", "up", "down")
@@ -139,11 +152,13 @@ def quantize_blocks(w: np.ndarray, bits: int) -> BlockQuant:
 # ONNX
 
 
-def example_inputs(model: Llama, dtype: torch.dtype):
+def example_inputs(model: Llama, kv_dtype: torch.dtype):
     config = model.config
     B, S, max_blocks, num_blocks, block_size = 2, 3, 2, 5, 16
     width = config.num_kv_heads * config.head_dim
-    caches = [torch.zeros(num_blocks, block_size, width, dtype=dtype) for _ in range(2 * config.num_layers)]
+    caches = [
+        torch.zeros(num_blocks, block_size, width, dtype=kv_dtype) for _ in range(2 * config.num_layers)
+    ]
     args = (
         torch.zeros(B, S, dtype=torch.int64),
         torch.zeros(B, S, dtype=torch.int64),
@@ -173,17 +188,23 @@ def example_inputs(model: Llama, dtype: torch.dtype):
 EXPORT_STAGES = ("tracing and translating to ONNX", "optimizing the graph", "writing files")
 
 
-def export_onnx(model: Llama, path: Path, dtype: torch.dtype, stage=lambda name: None) -> None:
+def export_onnx(model: Llama, path: Path, kv_dtype: torch.dtype, stage=lambda name: None) -> None:
     """Export the serving graph to `path` (+ external data) with canonical input/output names.
 
     `stage(name)` is called as each of EXPORT_STAGES begins (for progress display).
     """
-    args, dynamic = example_inputs(model, dtype)
+    args, dynamic = example_inputs(model, kv_dtype)
     with warnings.catch_warnings(), torch.no_grad(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         stage(EXPORT_STAGES[0])
         program = torch.onnx.export(
-            model, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic, optimize=False, verbose=False
+            model,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            dynamic_shapes=dynamic,
+            optimize=False,
+            verbose=False,
         )
         stage(EXPORT_STAGES[1])
         program.optimize()
@@ -261,6 +282,7 @@ def export_artifact(
         num_tensors = 2 + config.num_layers * len(LAYER_TENSORS) + (not config.tie_word_embeddings)
         with tqdm(total=num_tensors, desc="reading weights", unit="tensor", disable=quiet) as bar:
             plan = plan_weights(checkpoint, options, bar)
+        kv_dtype = DTYPES[options.kv_format]
         model = Llama(config, plan.tensors, dtype, COMPUTE_MODES[options.compute]).eval()
         del plan.tensors
         with tqdm(total=len(EXPORT_STAGES), desc="exporting", unit="stage", disable=quiet) as bar:
@@ -269,7 +291,7 @@ def export_artifact(
                 bar.n = EXPORT_STAGES.index(name)  # stages finished so far
                 bar.set_postfix_str(name)  # also redraws the bar
 
-            export_onnx(model, tmp / MODEL_FILE, dtype, stage)
+            export_onnx(model, tmp / MODEL_FILE, kv_dtype, stage)
             del model
             write_manifest(tmp, _manifest(config, tokenizer, options, plan))
             bar.update(len(EXPORT_STAGES) - bar.n)
@@ -349,7 +371,7 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
             "requantized": plan.requantized,
         },
         "kv_cache": {
-            "format": options.dtype,
+            "format": options.kv_format,
             "layout": "paged",
             "pool_shape": "[num_blocks, block_size, num_kv_heads * head_dim]",
             "in_place": True,

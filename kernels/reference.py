@@ -27,6 +27,9 @@ Two ops:
     only past_lens[b] + s - j < W. A query that sees no key outputs zeros. Outputs: o [B, S, Hq*D]
     and the updated pools (the runtime binds each pool as both input and output, so kernels update
     it in place). Padded queries produce finite values that callers ignore.
+
+``attention_alibi_ref`` and ``varlen_attention_ref`` extend ``attention_ref`` with ALiBi, the
+log-sum-exp and packed variable-length batches: the specs of the Triton prefill kernel.
 """
 
 import torch
@@ -106,3 +109,63 @@ def paged_attention_ref(
         ob = torch.einsum("hgst,htd->hgsd", probs, values).reshape(num_heads, S, D)
         out[b] = ob.transpose(0, 1).reshape(S, num_heads * D)
     return out.to(q.dtype), k_cache, v_cache
+
+
+def attention_alibi_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int = 0,
+    alibi_slopes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_ref`` plus ALiBi and the log-sum-exp: returns (o [B, Hq, S, D] in q's dtype, lse [B, Hq, S]).
+
+    ALiBi: head h's scaled score gets ``-alibi_slopes[h] * |pos_q - j|`` added (positions as in
+    attention_ref; with causal this is -slope * (pos_q - j)). lse = log(sum_j exp(score_j)) over the
+    visible keys. A query that sees no key outputs zeros and lse = -inf (attention_ref gives NaN there).
+    """
+    B, Hq, S, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    qf = q.float().view(B, Hkv, Hq // Hkv, S, D)
+    scores = torch.einsum("bhgsd,bhtd->bhgst", qf, k.float()) * scale
+    pos = torch.arange(S, device=q.device).view(S, 1) + (T - S)
+    key = torch.arange(T, device=q.device).view(1, T)
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.float().view(1, Hkv, Hq // Hkv, 1, 1) * (pos - key).abs()
+    visible = torch.ones(S, T, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= key <= pos
+    if sliding_window > 0:
+        visible &= pos - key < sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhgst,bhtd->bhgsd", probs, v.float())
+    return out.reshape(B, Hq, S, D).to(q.dtype), scores.logsumexp(dim=-1).reshape(B, Hq, S)
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed batches: q [total_q, Hq, D], k/v [total_k, Hkv, D], sequence b in rows cu[b]:cu[b + 1].
+
+    Each sequence goes through ``attention_alibi_ref(**options)`` on its own (so causal is bottom-right
+    within the sequence). Returns (o [total_q, Hq, D], lse [Hq, total_q]).
+    """
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
+        ks = slice(int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1]))
+        dense = (x[rows].transpose(0, 1).unsqueeze(0) for x, rows in ((q, qs), (k, ks), (v, ks)))
+        o, lse = attention_alibi_ref(*dense, **options)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

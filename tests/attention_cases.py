@@ -20,6 +20,7 @@ def make_case(
     head_dim: int = 64,
     block_size: int = 16,
     dtype: torch.dtype = torch.float32,
+    kv_dtype: torch.dtype | None = None,
 ) -> dict:
     """B rows with their own past and new lengths, right-padded to S, over a shuffled paged pool."""
     g = torch.Generator().manual_seed(seed)
@@ -42,8 +43,8 @@ def make_case(
         q=randn(B, S, num_heads * head_dim),
         k=randn(B, S, kv_width),
         v=randn(B, S, kv_width),
-        k_cache=randn(num_blocks, block_size, kv_width),
-        v_cache=randn(num_blocks, block_size, kv_width),
+        k_cache=randn(num_blocks, block_size, kv_width).to(kv_dtype or dtype),
+        v_cache=randn(num_blocks, block_size, kv_width).to(kv_dtype or dtype),
         block_table=block_table,
         slot_mapping=slot_mapping,
         past_lens=torch.tensor(past_lens, dtype=torch.int32),
@@ -72,6 +73,7 @@ def reference(case: dict, *, causal: bool = True, sliding_window: int = 0):
 def single_node_model(case: dict, *, causal: bool, sliding_window: int, functions=()) -> onnx.ModelProto:
     """A model holding one FlashAttention node; `functions` may carry its body."""
     elem = helper.np_dtype_to_tensor_dtype(case["q"].numpy().dtype)
+    kv_elem = helper.np_dtype_to_tensor_dtype(case["k_cache"].numpy().dtype)
     head_dim = case["q"].shape[-1] // case["num_heads"]
     node = helper.make_node(
         "FlashAttention",
@@ -83,12 +85,13 @@ def single_node_model(case: dict, *, causal: bool, sliding_window: int, function
         scale=float(head_dim**-0.5),
         causal=int(causal),
         sliding_window=sliding_window,
-        kv_format={TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}[elem],
+        kv_format={TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}[kv_elem],
     )
     types = dict(block_table=TensorProto.INT32, slot_mapping=TensorProto.INT64)
-    types.update(past_lens=TensorProto.INT32, total_lens=TensorProto.INT32)
+    types.update(past_lens=TensorProto.INT32, total_lens=TensorProto.INT32, k_cache=kv_elem, v_cache=kv_elem)
     inputs = [helper.make_tensor_value_info(n, types.get(n, elem), None) for n in INPUT_NAMES]
-    outputs = [helper.make_tensor_value_info(n, elem, None) for n in ("o", "k_cache_out", "v_cache_out")]
+    outputs = [helper.make_tensor_value_info("o", elem, None)]
+    outputs += [helper.make_tensor_value_info(n, kv_elem, None) for n in ("k_cache_out", "v_cache_out")]
     graph = helper.make_graph([node], "flash_attention", inputs, outputs)
     opsets = [helper.make_opsetid("", 23), helper.make_opsetid("fastattention", 1)]
     return helper.make_model(graph, opset_imports=opsets, functions=list(functions), ir_version=10)

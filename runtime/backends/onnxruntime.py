@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from runtime.artifact import Artifact
 from runtime.config import RuntimeConfig
-from runtime.errors import ConfigError
+from runtime.errors import ArtifactError, ConfigError
 from runtime.kv_cache import KVCacheLayout
 
 log = logging.getLogger(__name__)
@@ -39,35 +40,65 @@ class StepBatch:
         return dict(self.__dict__)
 
 
-def session_options(config: RuntimeConfig) -> tuple[ort.SessionOptions, str]:
-    """Session options with our attention kernel registered when the config allows; returns its name."""
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented)
+
+
+def session_options(config: RuntimeConfig, kernel: str) -> ort.SessionOptions:
+    """Session options; with kernel "native" our attention library is registered (it must be built)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.num_threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    kernel = "function"
-    if config.attention_kernel in ("auto", "native"):
+    if kernel == "native":
         from kernels import attention_cpu
 
-        if attention_cpu.register(options):
-            kernel = "native"
-        elif config.attention_kernel == "native":
+        if not attention_cpu.register(options):
             raise ConfigError(
                 "attention_kernel: native, but the CPU kernel library is not built; run "
                 "`python -m kernels.attention_cpu build` or set attention_kernel: function"
             )
-    return options, kernel
+    return options
+
+
+def create_session(
+    artifact: Artifact, config: RuntimeConfig
+) -> tuple[ort.InferenceSession, ort.SessionOptions, str]:
+    """The session over the artifact's graph and the attention kernel it runs ("native" or "function").
+
+    With attention_kernel auto, our kernel is used when it is built and has a variant for the
+    artifact's types; otherwise the function body runs, and the log says why.
+    """
+    from kernels import attention_cpu
+
+    if config.attention_kernel == "auto":
+        candidates = ["native", "function"] if attention_cpu.library_path() else ["function"]
+    else:
+        candidates = [config.attention_kernel]
+    for kernel in candidates:
+        options = session_options(config, kernel)
+        try:
+            session = ort.InferenceSession(
+                str(artifact.model_file), options, providers=["CPUExecutionProvider"]
+            )
+            return session, options, kernel
+        except ORT_ERRORS as e:
+            if kernel != candidates[-1]:
+                log.warning(
+                    "the native attention kernel cannot run %s (%s); using the function body",
+                    artifact.path,
+                    e,
+                )
+                continue
+            raise ArtifactError(f"{artifact.model_file}: ONNX Runtime cannot load it ({e})") from e
+    raise AssertionError("unreachable")
 
 
 class OrtBackend:
     """Runs StepBatches through the artifact's graph over a KV pool of `layout`."""
 
     def __init__(self, artifact: Artifact, config: RuntimeConfig, layout: KVCacheLayout) -> None:
-        options, self.attention_kernel = session_options(config)
-        self.session = ort.InferenceSession(
-            str(artifact.model_file), options, providers=["CPUExecutionProvider"]
-        )
+        self.session, options, self.attention_kernel = create_session(artifact, config)
         log.info(
             "loaded %s: attention kernel %s, %d threads, KV pool %d blocks x %d tokens (%.1f MiB)",
             artifact.path,

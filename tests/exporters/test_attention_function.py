@@ -31,3 +31,16 @@ def test_function_body_matches_reference(causal, sliding_window, past_lens, new_
     o_ref, k_ref, v_ref = reference(case, causal=causal, sliding_window=sliding_window)
     assert max_error_on_real_rows(o, o_ref, case["new_lens"]) <= 1e-5
     assert caches_match(k_cache, k_ref) and caches_match(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float16)])
+def test_function_body_with_fp16_cache(q_dtype, kv_dtype):
+    """fp16 KV storage under fp32 or fp16 activations: new K/V are rounded to fp16 on the way in."""
+    case = make_case(seed=3, past_lens=[5, 40], new_lens=[3, 1], dtype=q_dtype, kv_dtype=kv_dtype)
+    model = single_node_model(case, causal=True, sliding_window=0, functions=[flash_attention_function()])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    o, k_cache, v_cache = (torch.from_numpy(x) for x in session.run(None, feeds(case)))
+    assert k_cache.dtype == torch.float16 and o.dtype == q_dtype
+    o_ref, k_ref, v_ref = reference(case)
+    assert caches_match(k_cache, k_ref) and caches_match(v_cache, v_ref)
+    assert max_error_on_real_rows(o, o_ref, case["new_lens"]) <= (1e-5 if q_dtype == torch.float32 else 2e-3)

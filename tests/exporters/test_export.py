@@ -60,7 +60,9 @@ MIXED = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.F16, QT.BF16, QT.Q5_1, QT.F32)  # 14 matr
 def test_gguf_types_export_exactly_with_a_complete_manifest(tmp_path):
     """Carried blocks (Q4_0, Q4_1) and dequantized types match the gguf-dequantized reference."""
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=MIXED)
-    out = export_artifact(open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(compute="fp32", progress=False))
+    out = export_artifact(
+        open_checkpoint(gguf_path), tmp_path / "art", ExportOptions(compute="fp32", progress=False)
+    )
     manifest = yaml.safe_load((out / "manifest.yaml").read_text())
     # 8-bit blocks are carried only with int8 compute (fp32 compute would be slow): the Q8_0 embedding
     # is gathered from its blocks, Q8_0 matrices and the tied head are dequantized, Q5_1 too
@@ -111,8 +113,20 @@ def test_int4_weights_requantize_and_say_so(tmp_path):
     requantized = yaml.safe_load((out / "manifest.yaml").read_text())["weights"]["requantized"]
     assert requantized["layers.0.q"] == "F32 -> 4-bit blocks of 32"
     assert requantized["embed"] == "F32 -> 8-bit blocks of 32"
+    assert requantized["lm_head"] == "tied float table -> 4-bit blocks of 32 for the head"
     ours, ref = _prefill_logits(out, IDS), _reference_logits(hf, IDS)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6  # a random tiny model is fragile at 4 bits
+
+
+def test_fp16_kv_cache_under_fp32_activations(tmp_path):
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=QT.F16, embed_type=QT.F16)
+    options = ExportOptions(kv_dtype="fp16", weights="fp", progress=False)
+    out = export_artifact(open_checkpoint(gguf_path), tmp_path / "art", options)
+    artifact = load_artifact(out)
+    assert artifact.kv_format == "fp16" and artifact.dtype == "fp32"
+    assert artifact.kv_bytes_per_token == 2 * 2 * 2 * 32  # K and V, 2 layers, 2 KV heads x 16, 2 bytes
+    ours, ref = _prefill_logits(out, IDS), _reference_logits(gguf_path, IDS)
+    assert np.abs(ours - ref).max() <= 0.01 * np.abs(ref).max()
 
 
 def test_fp16_export_runs_close_to_fp32(tmp_path):

@@ -15,7 +15,9 @@ PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog and keeps
 
 @pytest.fixture(scope="module")
 def engine(tiny_artifact):
-    return Engine.from_artifact(tiny_artifact, RuntimeConfig(max_batch_size=4, max_step_tokens=24, block_size=4))
+    return Engine.from_artifact(
+        tiny_artifact, RuntimeConfig(max_batch_size=4, max_step_tokens=24, block_size=4)
+    )
 
 
 def _solo(engine, ids, params):

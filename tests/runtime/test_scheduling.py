@@ -139,7 +139,14 @@ def test_sampling_rules():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_tokens", 0), ("stop", ("",))],
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("max_tokens", 0),
+        ("stop", ("",)),
+    ],
 )
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(InvalidRequestError, match=field):
