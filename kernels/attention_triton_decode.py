@@ -103,7 +103,7 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = k_ok[None, :]
         if CAUSAL:
-            visible &= pos_k[None, :] < pos_q[:, None]
+            visible &= pos_k[None, :] <= pos_q[:, None]
         if HAS_WINDOW:
             visible &= (pos_q[:, None] - pos_k[None, :]) < window
         s = tl.where(visible, s, float("-inf"))

@@ -88,7 +88,7 @@ def _attend_tiles(
         if MASKED:
             visible = (pos_k < seqlen_k)[None, :]
             if CAUSAL:
-                visible &= pos_k[None, :] < pos_q[:, None]
+                visible &= pos_k[None, :] <= pos_q[:, None]
             if HAS_WINDOW:
                 visible &= (pos_q[:, None] - pos_k[None, :]) < window
             s = tl.where(visible, s, float("-inf"))

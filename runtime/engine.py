@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.artifact import Artifact, load_artifact
-from runtime.backends.onnxruntime import OrtBackend, StepBatch
+from runtime.backends.onnxruntime import NUMPY_DTYPES, OrtBackend, StepBatch
 from runtime.config import RuntimeConfig
 from runtime.errors import ContextOverflowError, InvalidRequestError
 from runtime.kv_cache import SCRATCH_BLOCK, KVBlockAllocator, layout_for_budget
 from runtime.sampling import SamplingParams, sample
 from runtime.scheduler import Scheduler, SchedulerOutput
-from runtime.sequence import FinishReason, Sequence, TokenEvent
+from runtime.sequence import FinishReason, ImportedKV, Sequence, TokenEvent
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 class EngineStats:
     active_sequences: int
     waiting_sequences: int
+    kept_kv_sequences: int
     kv_bytes_in_use: int
     kv_bytes_free: int
     steps: int
@@ -66,6 +67,7 @@ class Engine:
         )
         self.backend = OrtBackend(artifact, config, layout)
         self._sequences: dict[str, Sequence] = {}
+        self._parked: dict[str, Sequence] = {}  # finished with keep_kv: blocks held for export_kv
         self._ids = itertools.count()
         self._steps = 0
 
@@ -76,17 +78,45 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        keep_kv: bool = False,
+        imported: ImportedKV | None = None,
     ) -> str:
-        """Queue a request; bad input raises InvalidRequestError naming the field."""
+        """Queue a request; bad input raises InvalidRequestError naming the field.
+
+        keep_kv: when it finishes, the sequence keeps its KV blocks for `export_kv` until
+        `release_kv` (the prefill side of a handoff). imported: the prompt's KV cache computed
+        elsewhere and the first token sampled there (the decode side).
+        """
         self._check_prompt(prompt_ids, params)
+        if imported is not None:
+            self._check_imported(imported, len(prompt_ids))
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._sequences:
+        if request_id in self._sequences or request_id in self._parked:
             raise InvalidRequestError(f"request_id: {request_id!r} is already active; use a unique id")
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer)
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, keep_kv=keep_kv, imported=imported)
         self.scheduler.add(seq)
         self._sequences[request_id] = seq
         return request_id
+
+    def _check_imported(self, imported: ImportedKV, prompt_len: int) -> None:
+        model = self.artifact.model
+        shape = (prompt_len, model.num_kv_heads * model.head_dim)
+        dtype = NUMPY_DTYPES[self.artifact.kv_format]
+        if len(imported.layers) != model.num_layers:
+            raise InvalidRequestError(f"kv: {len(imported.layers)} layers, the model has {model.num_layers}")
+        for i, (k, v) in enumerate(imported.layers):
+            if k.shape != shape or v.shape != shape or k.dtype != dtype or v.dtype != dtype:
+                raise InvalidRequestError(
+                    f"kv: layer {i} holds {k.shape} {k.dtype} / {v.shape} {v.dtype}, expected {shape} "
+                    f"{np.dtype(dtype)} for a {prompt_len}-token prompt"
+                )
+        if not 0 <= imported.first_token_id < model.vocab_size:
+            raise InvalidRequestError(f"kv: first token id {imported.first_token_id} is outside the vocabulary")
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if len(prompt_ids) == 0:
@@ -103,13 +133,52 @@ class Engine:
             )
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV now; False if it is not active."""
+        """Stop a request and free its KV now (kept KV too); False if it is not active."""
         seq = self._sequences.pop(request_id, None)
         if seq is None:
-            return False
+            return self.release_kv(request_id)
         seq.abort()
         self.scheduler.finish(seq)
         return True
+
+    def export_kv(self, request_id: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The prompt's K and V per layer, [prompt_len, num_kv_heads * head_dim], of a kept sequence."""
+        seq = self._parked.get(request_id)
+        if seq is None:
+            raise InvalidRequestError(f"kv: no kept KV cache for request {request_id!r} (released or expired)")
+        rows = self._prompt_slots(seq)
+        pools = self.backend.cache_arrays()
+        width = pools[0].shape[-1]
+        return [
+            (pools[2 * i].reshape(-1, width)[rows], pools[2 * i + 1].reshape(-1, width)[rows])
+            for i in range(len(pools) // 2)
+        ]
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free a kept KV cache; False if there is none."""
+        seq = self._parked.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def _prompt_slots(self, seq: Sequence) -> np.ndarray:
+        """Flat pool rows (block * block_size + offset) of the sequence's prompt tokens."""
+        block_size = self.allocator.layout.block_size
+        positions = np.arange(seq.prompt_len)
+        return np.asarray(seq.block_table)[positions // block_size] * block_size + positions % block_size
+
+    def _import(self, seq: Sequence) -> TokenEvent:
+        """Write an admitted sequence's imported KV into its blocks; emit the token sampled upstream."""
+        rows = self._prompt_slots(seq)
+        pools = self.backend.cache_arrays()
+        width = pools[0].shape[-1]
+        for i, (k, v) in enumerate(seq.imported.layers):
+            pools[2 * i].reshape(-1, width)[rows] = k
+            pools[2 * i + 1].reshape(-1, width)[rows] = v
+        first = seq.imported.first_token_id
+        seq.imported = None
+        return seq.append(first)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -119,6 +188,7 @@ class Engine:
             active_sequences=len(self.scheduler.running),
             waiting_sequences=len(self.scheduler.waiting),
             kv_bytes_in_use=self.allocator.bytes_in_use,
+            kept_kv_sequences=len(self._parked),
             kv_bytes_free=self.allocator.bytes_free,
             steps=self._steps,
         )
@@ -127,24 +197,34 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """schedule -> run -> sample -> update; returns the events of this step."""
+        events = [self._import(seq) for seq in self.scheduler.admit_imported()]
+        for event in events:
+            self._after_token(self._sequences[event.request_id])
         scheduled = self.scheduler.schedule()
         if scheduled is None:
-            return []
+            return events
         logits = self.backend.run(self._batch(scheduled))
         self._steps += 1
-        events = []
         for row, row_logits in zip(scheduled.rows, logits):
             seq = row.seq
             seq.num_computed = row.start + row.num_tokens
             if not row.samples:
                 continue
-            token = sample(row_logits[-1], seq.params, seq.rng, seq.all_ids)
-            event = seq.append(token)
-            events.append(event)
-            if seq.finished:
-                self.scheduler.finish(seq)
-                self._sequences.pop(seq.request_id, None)
+            token = sample(row_logits[-1], seq.params, seq.token_rng(), seq.all_ids)
+            events.append(seq.append(token))
+            self._after_token(seq)
         return events
+
+    def _after_token(self, seq: Sequence) -> None:
+        """A finished sequence leaves the batch; its KV is freed, or kept for export."""
+        if not seq.finished:
+            return
+        self._sequences.pop(seq.request_id, None)
+        if seq.keep_kv and seq.finish_reason is not FinishReason.ABORT:
+            self.scheduler.park(seq)
+            self._parked[seq.request_id] = seq
+        else:
+            self.scheduler.finish(seq)
 
     def _batch(self, scheduled: SchedulerOutput) -> StepBatch:
         """Right-padded [B, S] inputs for the scheduled rows; padding writes to the scratch block."""
@@ -177,7 +257,14 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """Run one request to the end, yielding its events as they come (other requests advance too)."""
-        request_id = self.add_request(prompt_ids, params)
+        return self._drive(self.add_request(prompt_ids, params))
+
+    def generate_kept(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Like generate, but the finished sequence keeps its KV for export_kv (then release_kv)."""
+        return self._drive(self.add_request(prompt_ids, params, keep_kv=True), abort_at_exit=False)
+
+    def _drive(self, request_id: str, abort_at_exit: bool = True) -> Iterator[TokenEvent]:
+        finished = False
         try:
             while True:
                 events = self.step()
@@ -185,11 +272,13 @@ class Engine:
                     raise RuntimeError(f"request {request_id} left the engine without finishing")
                 for event in events:
                     if event.request_id == request_id:
+                        finished = event.finish_reason is not None
                         yield event
-                        if event.finish_reason is not None:
+                        if finished:
                             return
         finally:
-            self.abort(request_id)  # a caller that stops iterating frees the KV at once
+            if abort_at_exit or not finished:
+                self.abort(request_id)  # a caller that stops iterating frees the KV at once
 
 
 __all__ = ["Engine", "EngineStats", "FinishReason", "RuntimeConfig", "SamplingParams", "TokenEvent"]

@@ -90,8 +90,8 @@ class Scheduler:
         """Chunks of prompts in progress, then newly admitted prompts, within the step's budget."""
         rows: list[ScheduledRow] = []
         longest = 0
-        candidates = [s for s in self.running if s.in_prefill]
-        for seq in candidates + list(self.waiting):
+        candidates = [s for s in self.running if s.in_prefill] + [s for s in self.waiting if s.in_prefill]
+        for seq in candidates:
             if len(rows) == self.max_batch_size:
                 break
             remaining = seq.prompt_len - seq.num_computed
@@ -111,6 +111,19 @@ class Scheduler:
         self.waiting.remove(seq)
         self.running.append(seq)
         return True
+
+    def admit_imported(self) -> list[Sequence]:
+        """Admit waiting sequences whose prompt KV was computed elsewhere (no prefill needed)."""
+        admitted = []
+        for seq in [s for s in self.waiting if not s.in_prefill]:
+            if not self._admit(seq):
+                break
+            admitted.append(seq)
+        return admitted
+
+    def park(self, seq: Sequence) -> None:
+        """Take a finished sequence out of the batch but keep its KV blocks (freed by `finish`)."""
+        self.running.remove(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence wherever it is and free its KV blocks."""

@@ -25,6 +25,21 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ImportedKV:
+    """A prompt's KV cache computed elsewhere (a prefill node) and the token it sampled next.
+
+    layers[i] = (k, v), each [num_tokens, num_kv_heads * head_dim] in the artifact's KV format.
+    """
+
+    first_token_id: int
+    layers: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layers[0][0].shape[0] if self.layers else 0
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token and the text it made final."""
 
@@ -39,7 +54,14 @@ class Sequence:
     """A request: its ids, its place in the KV cache, its sampler and its output text."""
 
     def __init__(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        *,
+        keep_kv: bool = False,
+        imported: ImportedKV | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
@@ -49,10 +71,21 @@ class Sequence:
         self.num_computed = 0  # ids whose K and V are in the cache
         self.block_table: list[int] = []
         self.finish_reason: FinishReason | None = None
-        self.rng = np.random.default_rng(params.seed)
+        self.keep_kv = keep_kv  # finished sequences keep their blocks until released (KV handoff)
+        self.imported = imported  # written into the cache at admission, then dropped
+        if imported is not None:
+            self.num_computed = self.prompt_len
+        self._rng = np.random.default_rng()
         self._eos = set() if params.ignore_eos else set(tokenizer.eos_token_ids)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._held = ""  # final characters that might begin a stop string
+
+    def token_rng(self) -> np.random.Generator:
+        """The generator for the next token: a seeded request draws the same token at the same
+        output position whichever node samples it (prefill or decode) and whatever else runs."""
+        if self.params.seed is None:
+            return self._rng
+        return np.random.default_rng([self.params.seed, self.num_output])
 
     @property
     def all_ids(self) -> np.ndarray:

@@ -217,6 +217,7 @@ def run_decode(case: dict, dtype: torch.dtype, *, causal=True, sliding_window=0,
     for b, n in enumerate(case["new_lens"]):
         assert_matches(out[b, :n], ref_fp32[b, :n], lowp[b, :n], dtype)
     assert torch.isfinite(out.float()).all()
+    assert (out[(case["total_lens"] == 0).to(DEVICE)] == 0).all(), "a row with no keys must give zeros"
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -245,8 +246,9 @@ def test_decode_sliding_window(sliding_window, new_tokens):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
 def test_decode_split_counts_agree(num_splits):
-    """Any split count gives the same answer, including splits that see no key of a row."""
-    case = make_case(seed=11, past_lens=[300, 1, 40], new_lens=[2, 2, 1], num_heads=3, num_kv_heads=1)
+    """Any split count gives the same answer, including splits that see no key of a row and a row with
+    no keys at all (total_lens 0: zeros)."""
+    case = make_case(seed=11, past_lens=[300, 1, 40, 0], new_lens=[2, 2, 1, 0], num_heads=3, num_kv_heads=1)
     run_decode(case, torch.float16, num_splits=num_splits)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine
 from runtime.errors import ContextOverflowError, InvalidRequestError
 from runtime.sampling import SamplingParams
-from runtime.sequence import FinishReason
+from runtime.sequence import FinishReason, ImportedKV
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog and keeps running", "1 2 3", "Zürich"]
 
@@ -108,3 +110,35 @@ def test_long_prompt_is_prefilled_in_chunks(engine):
     solo = _solo(engine, ids, SamplingParams(max_tokens=4, ignore_eos=True))
     big = Engine.from_artifact(engine.artifact.path, RuntimeConfig(max_step_tokens=512), verify=False)
     assert solo == _solo(big, ids, SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_p=0.95, seed=11)])
+def test_kv_handoff_between_engines_continues_exactly(engine, tiny_artifact, sampling):
+    """Prefill on one engine, export its KV, import it on another: same tokens as one engine alone."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True, **sampling)
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    expected = _solo(engine, ids, params)
+    prefill = Engine.from_artifact(tiny_artifact, RuntimeConfig(block_size=8), verify=False)
+    first = list(prefill.generate_kept(ids, dataclasses.replace(params, max_tokens=1)))
+    assert [e.token_id for e in first] == expected[:1]
+    kv = prefill.export_kv(first[0].request_id)
+    assert prefill.release_kv(first[0].request_id) and prefill.stats().kv_bytes_in_use == 0
+    imported = ImportedKV(first[0].token_id, kv)
+    request = engine.add_request(ids, params, imported=imported)
+    got = []
+    while engine.has_work():
+        got += [e.token_id for e in engine.step() if e.request_id == request]
+    assert got == expected and engine.stats().kv_bytes_in_use == 0
+
+
+def test_kept_kv_is_freed_by_abort_and_checked_on_import(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    events = list(engine.generate_kept(ids, SamplingParams(max_tokens=1)))
+    request = events[0].request_id
+    assert engine.stats().kept_kv_sequences == 1 and engine.stats().kv_bytes_in_use > 0
+    kv = engine.export_kv(request)
+    assert engine.abort(request) and engine.stats().kv_bytes_in_use == 0
+    with pytest.raises(InvalidRequestError, match="no kept KV"):
+        engine.export_kv(request)
+    with pytest.raises(InvalidRequestError, match="expected"):
+        engine.add_request(ids + [5], SamplingParams(), imported=ImportedKV(1, kv))
