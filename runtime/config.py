@@ -1,20 +1,25 @@
-"""Runtime configuration: YAML -> a frozen dataclass, read once at start-up.
+"""Configuration: YAML -> frozen dataclasses, read once at start-up.
 
-Every field has a default and a one-line docstring (the comment beside it). Unknown keys and
-wrong types raise `ConfigError` naming the file, the key and what to change.
+Every field has a default and a one-line docstring (the comment beside it). `from_dict` builds
+any of these dataclasses from a mapping: unknown keys and wrong types raise `ConfigError` naming
+the file, the key and what to change (YAML reads `1e-5` as a string and `on` as True, so types
+are checked, not trusted).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from runtime.errors import ConfigError
 
 ATTENTION_KERNELS = ("auto", "native", "function")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -22,22 +27,16 @@ class RuntimeConfig:
     """How one node runs an artifact."""
 
     num_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
-    attention_kernel: str = (
-        "auto"  # native: our compiled kernel; function: the ONNX body; auto: native if built
-    )
+    attention_kernel: str = "auto"  # native: our compiled kernel; function: the ONNX body; auto: native if built
     block_size: int = 16  # tokens per KV block
     max_seq_len: int = 0  # longest sequence (prompt + output) accepted; 0 = the model's context
     max_batch_size: int = 8  # sequences decoded together in one step
-    kv_cache_bytes: int = 0  # KV pool size; 0 = room for max_batch_size sequences of max_seq_len
+    kv_cache_bytes: int = 0  # KV pool size; 0 = 512 MiB
     max_step_tokens: int = 512  # tokens computed in one step; longer prompts are prefilled in chunks
     max_queue: int = 64  # requests waiting for KV memory before new ones are refused
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = int if f.type == "int" else str
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise ConfigError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
+        check_types(self)
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ConfigError(
                 f"attention_kernel: {self.attention_kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}"
@@ -50,26 +49,68 @@ class RuntimeConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
-def config_from_dict(values: dict, source: str = "config") -> RuntimeConfig:
-    known = {f.name for f in dataclasses.fields(RuntimeConfig)}
+def check_types(obj) -> None:
+    """Raise ConfigError for a field whose value does not have its annotated type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, expected = getattr(obj, f.name), hints[f.name]
+        if not _has_type(value, expected):
+            raise ConfigError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
+
+
+def _has_type(value, expected) -> bool:
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(expected) if a is not Ellipsis}
+        return isinstance(value, tuple) and all(_has_type(v, item) for v in value)
+    if dataclasses.is_dataclass(expected):
+        return isinstance(value, expected)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def from_dict(cls: type[T], values: dict | None, source: str = "config") -> T:
+    """Build dataclass `cls` from a mapping; nested dataclass fields take nested mappings."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(values).__name__}")
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(known))}")
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = from_dict(hints[name], value, f"{source}: {name}")
+        elif typing.get_origin(hints[name]) is tuple and isinstance(value, list):
+            values[name] = tuple(value)
     try:
-        return RuntimeConfig(**values)
+        return cls(**values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | Path, section: str | None = "runtime") -> RuntimeConfig:
-    """Read a YAML file; with `section`, the runtime settings live under that key."""
+def config_from_dict(values: dict, source: str = "config") -> RuntimeConfig:
+    return from_dict(RuntimeConfig, values, source)
+
+
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path, section: str | None = "runtime") -> RuntimeConfig:
+    """Read a YAML file; with `section`, the runtime settings live under that key."""
+    data = read_yaml(path)
     if section is not None:
         data = data.get(section) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping under '{section}'")
     return config_from_dict(data, str(path))

@@ -21,5 +21,13 @@ class ContextOverflowError(InvalidRequestError):
     """Prompt plus requested tokens exceed the model's context."""
 
 
+class NotFoundError(EdgeError):
+    """A named model, request or KV session does not exist (any more)."""
+
+
+class UnavailableError(EdgeError):
+    """The node cannot take the request now (still loading, draining, or an upstream is down)."""
+
+
 class ResourceExhaustedError(EdgeError):
     """No KV memory or queue space for the request right now."""

@@ -104,15 +104,117 @@ def run_generate(args) -> int:
     return 0
 
 
+def _add_sampling(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def _add_up_down(sub) -> None:
+    p = sub.add_parser("up", help="start every service of this node as local processes")
+    p.add_argument("--config", type=Path, help="node YAML (default: deploy/config/local.yaml)")
+    sub.add_parser("down", help="stop the services started by `edge up` (graceful drain)")
+
+
+def _add_client(sub) -> None:
+    p = sub.add_parser("client", help="call a running gateway")
+    p.add_argument("--address", default="127.0.0.1:50060", help="gateway host:port")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    calls = p.add_subparsers(dest="call", required=True)
+    g = calls.add_parser("generate", help="continue a prompt")
+    g.add_argument("prompt")
+    c = calls.add_parser("chat", help="one user message through the chat template")
+    c.add_argument("prompt")
+    c.add_argument("--system", help="system message")
+    for q in (g, c):
+        _add_sampling(q)
+        q.add_argument("--json", action="store_true", help="one JSON object per chunk, then a summary")
+    calls.add_parser("models", help="list the models the gateway serves")
+
+
+def run_up(args) -> int:
+    from services import launcher
+
+    config = args.config or Path("deploy/config/local.yaml")
+    services = launcher.up(config if config.exists() else None)
+    print("services are up (logs in .run/):")
+    for service in services.values():
+        print(f"  {service.name:10s} {service.address}")
+    gateway = services["gateway"].address
+    print(f'\ncall them:\n  .venv/bin/edge client --address {gateway} chat "What is the capital of France?"')
+    print("  or from Python: services.client.EdgeClient(" + repr(gateway) + ")\nstop them: make down")
+    return 0
+
+
+def run_down(args) -> int:
+    from services import launcher
+
+    stopped = launcher.down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def run_client(args) -> int:
+    import grpc
+
+    from services.client import Completion, EdgeClient
+
+    with EdgeClient(args.address, timeout=args.timeout) as client:
+        if args.call == "models":
+            for model in client.list_models():
+                print(
+                    f"{model.name}\tcontext {model.context_length}\tvocab {model.vocab_size}"
+                    f"\tkv {model.kv_format}"
+                )
+            return 0
+        settings = dict(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            ignore_eos=args.ignore_eos,
+        )
+        if args.call == "chat":
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            stream = client.chat(system + [{"role": "user", "content": args.prompt}], **settings)
+        else:
+            stream = client.generate(args.prompt, **settings)
+        completion = Completion()
+        try:
+            for chunk in stream:
+                completion.add(chunk)
+                if args.json:
+                    print(json.dumps({"text": chunk.text, "token_ids": list(chunk.token_ids)}), flush=True)
+                else:
+                    print(chunk.text, end="", flush=True)
+        except grpc.RpcError as e:
+            print(f"\nedge client: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+        summary = {k: v for k, v in completion.__dict__.items() if k != "token_ids"}
+        print(json.dumps(summary) if args.json else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge", description="edge inference stack")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_up_down(sub)
+    _add_client(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"generate": run_generate, "up": run_up, "down": run_down, "client": run_client}
     try:
-        return run_generate(args)
-    except EdgeError as e:
+        return commands[args.command](args)
+    except (EdgeError, RuntimeError, TimeoutError) as e:
         print(f"edge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

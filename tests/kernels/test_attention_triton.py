@@ -4,8 +4,9 @@ Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1 is set 
 kernel modules define their kernels) at small odd shapes; the module skips when triton is not
 installed. With CUDA the same tests run on the device, and so do the large shapes marked ``gpu``.
 
-bf16 runs on the GPU only: Triton's interpreter (3.6 to 3.9) multiplies the bf16 operands of tl.dot
-as raw uint16 bit patterns, so bf16 cases skip there. fp16 is exact in the interpreter.
+bf16 runs on the GPU only: Triton's interpreter (3.6, 3.7.1 and 3.9 alike) multiplies the bf16 operands
+of tl.dot as raw uint16 bit patterns, so bf16 cases skip there; fp16 is exact in it. The interpreter
+needs triton >= 3.7 with numpy 2.4 (3.6's fails on loops with computed bounds); 3.7.1 is the one used.
 
 Tolerance (FlashAttention's rule, as in test_attention_cpu.py): with ref = the spec on fp32 inputs and
 lowp = the spec on the inputs rounded to the kernel's dtype, its output rounded too,
@@ -54,8 +55,8 @@ def max_abs(x: torch.Tensor) -> float:
 
 def check(out, lse, spec, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
     """Hold (out, lse) to the module's rule; ``spec(*inputs)`` returns (o, lse) in the inputs' dtype."""
-    ref, _ = spec(*(x.float() for x in inputs))
-    lowp, lowp_lse = spec(*(x.to(dtype).float() for x in inputs))
+    ref, _ = spec(*(x.float().to(DEVICE) for x in inputs))
+    lowp, lowp_lse = spec(*(x.to(dtype).float().to(DEVICE) for x in inputs))
     assert_matches(out, ref, lowp, dtype)
     if lse is not None:
         lse, lowp_lse = lse.cpu(), lowp_lse.cpu()
@@ -80,12 +81,9 @@ def run_dense(*, seed, batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, d
     device_inputs = (x.to(dtype).to(DEVICE) for x in (q, k, v))
     out, lse = flash_attention_prefill(*device_inputs, return_lse=True, **options)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
-    spec_options = {**options, "alibi_slopes": options.get("alibi_slopes")}
-    if spec_options["alibi_slopes"] is not None:
-        spec_options["alibi_slopes"] = spec_options["alibi_slopes"].cpu()
 
     def spec(q, k, v):
-        return attention_alibi_ref(q, k, v, **spec_options)
+        return attention_alibi_ref(q, k, v, **options)
 
     check(out, lse, spec, (q, k, v), dtype)
 
@@ -101,9 +99,16 @@ def run_dense(*, seed, batch, seq_q, seq_k, num_heads, num_kv_heads, head_dim, d
 def test_prefill_dense(dtype, head_dim, gqa, seq_len, causal):
     skip_if_interpreted(dtype)
     run_dense(
-        seed=seq_len + gqa + head_dim, batch=2, seq_q=seq_len, seq_k=seq_len, num_heads=2 * gqa,
-        num_kv_heads=2, head_dim=head_dim, dtype=dtype, causal=causal,
-    )  # fmt: skip
+        seed=seq_len + gqa + head_dim,
+        batch=2,
+        seq_q=seq_len,
+        seq_k=seq_len,
+        num_heads=2 * gqa,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        dtype=dtype,
+        causal=causal,
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -111,9 +116,16 @@ def test_prefill_dense(dtype, head_dim, gqa, seq_len, causal):
 def test_prefill_bottom_right_alignment(seq_q, seq_k, causal):
     """With T > S queries sit at the end; with T < S the first S - T causal queries see nothing."""
     run_dense(
-        seed=seq_q * seq_k, batch=1, seq_q=seq_q, seq_k=seq_k, num_heads=3, num_kv_heads=1,
-        head_dim=64, dtype=torch.float16, causal=causal,
-    )  # fmt: skip
+        seed=seq_q * seq_k,
+        batch=1,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        num_heads=3,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float16,
+        causal=causal,
+    )
 
 
 @pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi"])
@@ -121,9 +133,18 @@ def test_prefill_bottom_right_alignment(seq_q, seq_k, causal):
 @pytest.mark.parametrize("sliding_window", [0, 1, 8, 40])
 def test_prefill_window_and_alibi(sliding_window, causal, alibi):
     run_dense(
-        seed=sliding_window + 7 * alibi, batch=1, seq_q=97, seq_k=97, num_heads=3, num_kv_heads=1,
-        head_dim=64, dtype=torch.float16, causal=causal, sliding_window=sliding_window, alibi=alibi,
-    )  # fmt: skip
+        seed=sliding_window + 7 * alibi,
+        batch=1,
+        seq_q=97,
+        seq_k=97,
+        num_heads=3,
+        num_kv_heads=1,
+        head_dim=64,
+        dtype=torch.float16,
+        causal=causal,
+        sliding_window=sliding_window,
+        alibi=alibi,
+    )
 
 
 def run_varlen(*, seed, lens_q, lens_k, num_heads, num_kv_heads, head_dim, dtype, alibi=False, **options):
@@ -132,11 +153,15 @@ def run_varlen(*, seed, lens_q, lens_k, num_heads, num_kv_heads, head_dim, dtype
     k = randn(sum(lens_k), num_kv_heads, head_dim, generator=g)
     v = randn(sum(lens_k), num_kv_heads, head_dim, generator=g)
     cu_q, cu_k = (torch.tensor([0, *lens], dtype=torch.int32).cumsum(0).int() for lens in (lens_q, lens_k))
-    slopes = alibi_slopes_for(num_heads) if alibi else None
+    slopes = alibi_slopes_for(num_heads).to(DEVICE) if alibi else None
     out, lse = flash_attention_prefill(
-        *(x.to(dtype).to(DEVICE) for x in (q, k, v)), cu_seqlens_q=cu_q.to(DEVICE), cu_seqlens_k=cu_k.to(DEVICE),
-        alibi_slopes=None if slopes is None else slopes.to(DEVICE), return_lse=True, **options,
-    )  # fmt: skip
+        *(x.to(dtype).to(DEVICE) for x in (q, k, v)),
+        cu_seqlens_q=cu_q.to(DEVICE),
+        cu_seqlens_k=cu_k.to(DEVICE),
+        alibi_slopes=slopes,
+        return_lse=True,
+        **options,
+    )
     assert out.shape == q.shape and lse.shape == (num_heads, q.shape[0])
 
     def spec(q, k, v):
@@ -153,9 +178,17 @@ def run_varlen(*, seed, lens_q, lens_k, num_heads, num_kv_heads, head_dim, dtype
 def test_prefill_varlen(causal, sliding_window, alibi):
     """Packed rows of lengths 1, 17, 0 and 40 queries over 5, 17, 3 and 97 keys."""
     run_varlen(
-        seed=3, lens_q=[1, 17, 0, 40], lens_k=[5, 17, 3, 97], num_heads=6, num_kv_heads=2, head_dim=64,
-        dtype=torch.float16, causal=causal, sliding_window=sliding_window, alibi=alibi,
-    )  # fmt: skip
+        seed=3,
+        lens_q=[1, 17, 0, 40],
+        lens_k=[5, 17, 3, 97],
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype=torch.float16,
+        causal=causal,
+        sliding_window=sliding_window,
+        alibi=alibi,
+    )
 
 
 def test_prefill_strided_inputs_and_scale():
@@ -209,10 +242,19 @@ def run_decode(case: dict, dtype: torch.dtype, *, causal=True, sliding_window=0,
     )
     write_kv_cache(k, v, k_cache, v_cache, slots)
     out = flash_attention_decode(
-        q, k_cache, v_cache, block_table, past, total, num_heads=case["num_heads"],
-        num_kv_heads=case["num_kv_heads"], scale=head_dim**-0.5, causal=causal,
-        sliding_window=sliding_window, num_splits=num_splits,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        past,
+        total,
+        num_heads=case["num_heads"],
+        num_kv_heads=case["num_kv_heads"],
+        scale=head_dim**-0.5,
+        causal=causal,
+        sliding_window=sliding_window,
+        num_splits=num_splits,
+    )
     assert out.dtype == dtype and out.shape == q.shape
     for b, n in enumerate(case["new_lens"]):
         assert_matches(out[b, :n], ref_fp32[b, :n], lowp[b, :n], dtype)
@@ -229,9 +271,13 @@ def test_decode_paged(dtype, head_dim, gqa, new_tokens, causal):
     """Three rows (past 0, 17, 97) over a shuffled pool; with S > 1 the last row is right-padded."""
     skip_if_interpreted(dtype)
     case = make_case(
-        seed=head_dim + gqa + new_tokens, past_lens=[0, 17, 97], new_lens=[new_tokens, new_tokens, max(new_tokens - 3, 1)],
-        num_heads=2 * gqa, num_kv_heads=2, head_dim=head_dim,
-    )  # fmt: skip
+        seed=head_dim + gqa + new_tokens,
+        past_lens=[0, 17, 97],
+        new_lens=[new_tokens, new_tokens, max(new_tokens - 3, 1)],
+        num_heads=2 * gqa,
+        num_kv_heads=2,
+        head_dim=head_dim,
+    )
     run_decode(case, dtype, causal=causal)
 
 
@@ -258,14 +304,19 @@ def test_decode_contiguous_cache_and_many_rows_per_kv_head():
     g = torch.Generator().manual_seed(13)
     past, block_size, width = [30, 50], 32, 64
     case = dict(
-        q=torch.randn(2, 16, 8 * 64, generator=g), k=torch.randn(2, 16, width, generator=g),
-        v=torch.randn(2, 16, width, generator=g), k_cache=torch.randn(7, block_size, width, generator=g),
+        q=torch.randn(2, 16, 8 * 64, generator=g),
+        k=torch.randn(2, 16, width, generator=g),
+        v=torch.randn(2, 16, width, generator=g),
+        k_cache=torch.randn(7, block_size, width, generator=g),
         v_cache=torch.randn(7, block_size, width, generator=g),
         block_table=(torch.arange(6, dtype=torch.int32) + 1).view(2, 3),
         slot_mapping=torch.stack([(1 + 3 * b) * block_size + past[b] + torch.arange(16) for b in range(2)]),
-        past_lens=torch.tensor(past, dtype=torch.int32), total_lens=torch.tensor(past, dtype=torch.int32) + 16,
-        num_heads=8, num_kv_heads=1, new_lens=[16, 16],
-    )  # fmt: skip
+        past_lens=torch.tensor(past, dtype=torch.int32),
+        total_lens=torch.tensor(past, dtype=torch.int32) + 16,
+        num_heads=8,
+        num_kv_heads=1,
+        new_lens=[16, 16],
+    )
     run_decode(case, torch.float16)
 
 
@@ -278,7 +329,7 @@ def test_paged_attention_updates_pools_in_place():
     }
     o, k_cache, v_cache = paged_attention(
         *inputs.values(), num_heads=6, num_kv_heads=2, scale=64**-0.5, causal=True
-    )  # fmt: skip
+    )
     assert k_cache.data_ptr() == inputs["k_cache"].data_ptr()
     assert caches_match(k_cache.cpu(), ref_k.half()) and caches_match(v_cache.cpu(), ref_v.half())
     lowp = reference({**case, **{n: case[n].half() for n in ("q", "k", "v", "k_cache", "v_cache")}})[0]
@@ -298,11 +349,94 @@ def test_paged_attention_updates_pools_in_place():
 def test_decode_rejects_bad_inputs(change, message):
     half = dict(dtype=torch.float16)
     args = dict(
-        q=torch.zeros(2, 1, 128, **half), k_cache=torch.zeros(9, 16, 64, **half), v_cache=torch.zeros(9, 16, 64, **half),
-        block_table=torch.zeros(2, 4, dtype=torch.int32), past_lens=torch.zeros(2, dtype=torch.int32),
-        total_lens=torch.ones(2, dtype=torch.int32), num_heads=2, num_kv_heads=1,
-    )  # fmt: skip
+        q=torch.zeros(2, 1, 128, **half),
+        k_cache=torch.zeros(9, 16, 64, **half),
+        v_cache=torch.zeros(9, 16, 64, **half),
+        block_table=torch.zeros(2, 4, dtype=torch.int32),
+        past_lens=torch.zeros(2, dtype=torch.int32),
+        total_lens=torch.ones(2, dtype=torch.int32),
+        num_heads=2,
+        num_kv_heads=1,
+    )
     args.update(change)
     args = {name: x.to(DEVICE) if torch.is_tensor(x) else x for name, x in args.items()}
     with pytest.raises(ValueError, match=message):
         flash_attention_decode(**args)
+
+
+# ---------------------------------------------------------------- large shapes (the GPU; CI skips them)
+
+LARGE_HEADS = [(32, 8, 128), (16, 16, 64), (9, 3, 64), (12, 4, 80), (8, 2, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), LARGE_HEADS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_prefill_large(dtype, num_heads, num_kv_heads, head_dim, causal):
+    run_dense(
+        seed=head_dim + num_heads,
+        batch=2,
+        seq_q=1537,
+        seq_k=1537,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        causal=causal,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_prefill_large_prefix_window_alibi(dtype):
+    """1025 queries after a 1024-token prefix, window 300, ALiBi, 32/8 heads of 128."""
+    run_dense(
+        seed=2,
+        batch=2,
+        seq_q=1025,
+        seq_k=2049,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=dtype,
+        causal=True,
+        sliding_window=300,
+        alibi=True,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_prefill_large_varlen(dtype, causal):
+    g = torch.Generator().manual_seed(4)
+    lens = torch.randint(1, 2000, (6,), generator=g).tolist()
+    run_varlen(
+        seed=4,
+        lens_q=lens,
+        lens_k=lens,
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=128,
+        dtype=dtype,
+        causal=causal,
+        alibi=True,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("new_tokens", [1, 16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64), (12, 4, 80)])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_decode_large(dtype, num_heads, num_kv_heads, head_dim, new_tokens):
+    """Rows of 8000, 1, 3000 and 5555 past tokens over a shuffled pool of 16-token blocks."""
+    case = make_case(
+        seed=num_heads + new_tokens,
+        past_lens=[8000, 1, 3000, 5555],
+        new_lens=[new_tokens, new_tokens, max(new_tokens - 5, 1), new_tokens],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
+    run_decode(case, dtype)

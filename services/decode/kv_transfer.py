@@ -1,0 +1,74 @@
+"""The decode side of the KV handoff: pull a prefilled prompt's KV cache from a prefill node.
+
+Chunks arrive per layer, K then V, each [token_count, num_kv_heads * head_dim] in the artifact's
+KV format; they are checked against the handle and this node's model before anything is used.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from protos.edge.v1 import prefill_pb2, prefill_pb2_grpc
+from runtime.engine import Engine
+from runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
+from runtime.sequence import ImportedKV
+from services.common.messages import KV_DTYPES
+
+
+class KvPuller:
+    def __init__(self, max_message_bytes: int) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._options = [("grpc.max_receive_message_length", max_message_bytes)]
+
+    def _stub(self, address: str) -> prefill_pb2_grpc.PrefillStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        return prefill_pb2_grpc.PrefillStub(self._channels[address])
+
+    async def pull(self, handle, engine: Engine, prompt_len: int, timeout: float | None) -> ImportedKV:
+        artifact = engine.artifact
+        if handle.kv_format != artifact.kv_format:
+            raise InvalidRequestError(
+                f"kv.kv_format: {handle.kv_format!r}, this node stores {artifact.kv_format!r}"
+            )
+        if handle.num_tokens != prompt_len:
+            raise InvalidRequestError(
+                f"kv.num_tokens: {handle.num_tokens}, the prompt has {prompt_len} tokens"
+            )
+        width = artifact.model.num_kv_heads * artifact.model.head_dim
+        dtype = KV_DTYPES[artifact.kv_format]
+        layers = [
+            (np.empty((prompt_len, width), dtype), np.empty((prompt_len, width), dtype))
+            for _ in range(artifact.model.num_layers)
+        ]
+        filled = np.zeros((artifact.model.num_layers, 2), np.int64)
+        try:
+            call = self._stub(handle.address).PullKv(
+                prefill_pb2.PullKvRequest(session_id=handle.session_id), timeout=timeout
+            )
+            async for chunk in call:
+                _place(chunk, layers, filled, dtype, width)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFoundError(
+                    f"kv: session {handle.session_id} at {handle.address}: {e.details()}"
+                ) from e
+            raise UnavailableError(
+                f"kv: pulling from {handle.address} failed: {e.code().name} {e.details()}"
+            ) from e
+        if not (filled == prompt_len).all():
+            raise UnavailableError(f"kv: the transfer from {handle.address} ended early")
+        return ImportedKV(handle.first_token_id, layers)
+
+
+def _place(chunk, layers, filled, dtype, width) -> None:
+    if chunk.layer >= len(layers):
+        raise InvalidRequestError(f"kv: chunk for layer {chunk.layer}, the model has {len(layers)}")
+    target = layers[chunk.layer][int(chunk.is_value)]
+    start, count = chunk.token_start, chunk.token_count
+    data = np.frombuffer(chunk.data, dtype=dtype)
+    if start + count > target.shape[0] or data.size != count * width:
+        raise InvalidRequestError(f"kv: malformed chunk (layer {chunk.layer}, tokens {start}+{count})")
+    target[start : start + count] = data.reshape(count, width)
+    filled[chunk.layer, int(chunk.is_value)] += count
