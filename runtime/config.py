@@ -27,7 +27,9 @@ class RuntimeConfig:
     """How one node runs an artifact."""
 
     num_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
-    attention_kernel: str = "auto"  # native: our compiled kernel; function: the ONNX body; auto: native if built
+    attention_kernel: str = (
+        "auto"  # native: our compiled kernel; function: the ONNX body; auto: native if built
+    )
     block_size: int = 16  # tokens per KV block
     max_seq_len: int = 0  # longest sequence (prompt + output) accepted; 0 = the model's context
     max_batch_size: int = 8  # sequences decoded together in one step

@@ -116,7 +116,9 @@ class Engine:
                     f"{np.dtype(dtype)} for a {prompt_len}-token prompt"
                 )
         if not 0 <= imported.first_token_id < model.vocab_size:
-            raise InvalidRequestError(f"kv: first token id {imported.first_token_id} is outside the vocabulary")
+            raise InvalidRequestError(
+                f"kv: first token id {imported.first_token_id} is outside the vocabulary"
+            )
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if len(prompt_ids) == 0:
@@ -132,20 +134,24 @@ class Engine:
                 f"context of {self.max_seq_len} tokens; shorten the prompt or lower max_tokens"
             )
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV now (kept KV too); False if it is not active."""
+    def abort(self, request_id: str) -> TokenEvent | None:
+        """Stop a request and free its KV now (kept KV too). Returns the event that closes its
+        stream, or None if it was not active."""
         seq = self._sequences.pop(request_id, None)
         if seq is None:
-            return self.release_kv(request_id)
-        seq.abort()
+            released = self.release_kv(request_id)
+            return TokenEvent(request_id, None, "", 0, FinishReason.ABORT) if released else None
+        event = seq.abort()
         self.scheduler.finish(seq)
-        return True
+        return event
 
     def export_kv(self, request_id: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """The prompt's K and V per layer, [prompt_len, num_kv_heads * head_dim], of a kept sequence."""
         seq = self._parked.get(request_id)
         if seq is None:
-            raise InvalidRequestError(f"kv: no kept KV cache for request {request_id!r} (released or expired)")
+            raise InvalidRequestError(
+                f"kv: no kept KV cache for request {request_id!r} (released or expired)"
+            )
         rows = self._prompt_slots(seq)
         pools = self.backend.cache_arrays()
         width = pools[0].shape[-1]

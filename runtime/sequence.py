@@ -44,7 +44,7 @@ class TokenEvent:
     """One generated token and the text it made final."""
 
     request_id: str
-    token_id: int
+    token_id: int | None  # None only on the final event of an aborted request
     text: str
     index: int  # 0-based position in the output
     finish_reason: FinishReason | None = None
@@ -125,9 +125,11 @@ class Sequence:
             self.finish_reason = self.finish_reason or FinishReason.LENGTH
         return TokenEvent(self.request_id, token_id, text, index, self.finish_reason)
 
-    def abort(self) -> None:
+    def abort(self) -> TokenEvent:
+        """End the sequence now; the returned event closes its stream (it carries no token)."""
         if self.finish_reason is None:
             self.finish_reason = FinishReason.ABORT
+        return TokenEvent(self.request_id, None, "", self.num_output, FinishReason.ABORT)
 
     def _release_all(self) -> str:
         """The rest of the text at the end of generation (a stop string may still cut it)."""

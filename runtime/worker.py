@@ -132,8 +132,12 @@ class EngineWorker:
     # -- engine thread -----------------------------------------------------------------------------
 
     def _abort(self, request_id: str) -> bool:
+        """Abort on the engine; a listener still waiting gets the closing ABORT event."""
+        event = self.engine.abort(request_id)
+        if event is not None and request_id in self._subscribers:
+            self._deliver(event)
         self._subscribers.pop(request_id, None)
-        return self.engine.abort(request_id)
+        return event is not None
 
     def _run(self) -> None:
         while not self._stopping:
@@ -173,7 +177,7 @@ class EngineWorker:
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, subscriber in list(self._subscribers.items()):
-            self.engine.abort(request_id)
+            self.engine.abort(request_id)  # its KV is freed; the listener gets the error instead
             subscriber.loop.call_soon_threadsafe(subscriber.events.put_nowait, error)
         self._subscribers.clear()
 

@@ -57,12 +57,11 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
 
 def event_to_pb(event: TokenEvent, prompt_tokens: int) -> decode_pb2.TokenEvent:
     pb = decode_pb2.TokenEvent(
-        token_id=event.token_id,
-        text=event.text,
-        index=event.index,
-        finish_reason=FINISH_TO_PB[event.finish_reason],
+        text=event.text, index=event.index, finish_reason=FINISH_TO_PB[event.finish_reason]
     )
+    if event.token_id is not None:
+        pb.token_id = event.token_id
     if event.finish_reason is not None:
         pb.usage.prompt_tokens = prompt_tokens
-        pb.usage.completion_tokens = event.index + 1
+        pb.usage.completion_tokens = event.index + (event.token_id is not None)
     return pb

@@ -249,7 +249,10 @@ def _metadata() -> tuple:
 
 def _response(request_id: str, event) -> gateway_pb2.GenerateResponse:
     response = gateway_pb2.GenerateResponse(
-        request_id=request_id, text=event.text, token_ids=[event.token_id], finish_reason=event.finish_reason
+        request_id=request_id,
+        text=event.text,
+        token_ids=[event.token_id] if event.HasField("token_id") else [],
+        finish_reason=event.finish_reason,
     )
     if event.HasField("usage"):
         response.usage.CopyFrom(event.usage)

@@ -83,7 +83,9 @@ def stack(tmp_path_factory, smollm2_default):
     disagg = write_config(
         folder / "disagg.yaml", smollm2_default, ports, {"decode": [at["decode"]], "prefill": [at["prefill"]]}
     )
-    replicas = write_config(folder / "replicas.yaml", smollm2_default, ports, {"decode": [at["decode2"], at["decode3"]]})
+    replicas = write_config(
+        folder / "replicas.yaml", smollm2_default, ports, {"decode": [at["decode2"], at["decode3"]]}
+    )
     running = Stack(config, folder)
     try:
         for name in ("tokenizer", "prefill", "decode", "decode2", "decode3"):
