@@ -119,6 +119,9 @@ def _add_up_down(sub) -> None:
     p = sub.add_parser("up", help="start every service of this node as local processes")
     p.add_argument("--config", type=Path, help="node YAML (default: deploy/config/local.yaml)")
     sub.add_parser("down", help="stop the services started by `edge up` (graceful drain)")
+    h = sub.add_parser("health", help="exit 0 if the service at ADDRESS is SERVING (container healthchecks)")
+    h.add_argument("address", help="host:port")
+    h.add_argument("--timeout", type=float, default=3.0)
 
 
 def _add_client(sub) -> None:
@@ -156,6 +159,17 @@ def run_down(args) -> int:
 
     stopped = launcher.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def run_health(args) -> int:
+    from services import launcher
+
+    try:
+        launcher.wait_serving(args.address, args.timeout)
+    except TimeoutError as e:
+        print(f"edge health: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_client(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": run_generate, "up": run_up, "down": run_down, "client": run_client}
+    commands = {"generate": run_generate, "up": run_up, "down": run_down, "client": run_client, "health": run_health}
     try:
         return commands[args.command](args)
     except (EdgeError, RuntimeError, TimeoutError) as e:
