@@ -28,12 +28,12 @@ $(ARTIFACT)/manifest.yaml: | setup
 
 export: $(ARTIFACT)/manifest.yaml
 
-# README command one: set up, export the embedded model on first use, generate from it.
+# README command one: set up, export the embedded model on first use, start every service.
 up: setup export
-	$(BIN)/edge generate --artifact $(ARTIFACT) --chat --max-tokens 64 "What is the capital of France?"
+	$(BIN)/edge up --config deploy/config/local.yaml
 
 down:
-	@echo "nothing runs in the background yet"
+	$(BIN)/edge down
 
 # README command two: set up and run the tests and the linters.
 test: setup

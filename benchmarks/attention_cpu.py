@@ -200,10 +200,18 @@ def median_ms(session: ort.InferenceSession, binding: ort.IOBinding, seconds: fl
     return statistics.median(times) * 1e3, len(times)
 
 
-def session(model: onnx.ModelProto, threads: int, library: Path | None) -> ort.InferenceSession:
-    """A session on `threads` intra-op threads; with `library`, that kernel build is registered."""
+@dataclass(frozen=True)
+class Threads:
+    count: int  # intra_op_num_threads
+    spin: bool = True  # session.intra_op.allow_spinning: pool threads spin between ops instead of sleeping
+
+
+def session(model: onnx.ModelProto, threads: Threads, library: Path | None) -> ort.InferenceSession:
+    """A session on `threads`; with `library`, that kernel build is registered."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads.count
+    if not threads.spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if library is not None:
         options.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -223,7 +231,7 @@ def figure(shape: Shape, ms: float) -> str:
     return f"{4 * pairs * NUM_HEADS * HEAD_DIM * shape.batch / ms / 1e6:.1f} GFLOP/s"
 
 
-def measure(shape: Shape, threads: int, seconds: float, library: Path, seed: int = 0) -> dict:
+def measure(shape: Shape, threads: Threads, seconds: float, library: Path, seed: int = 0) -> dict:
     """Hot cache: one node, one pool, called again and again."""
     ours_feeds, ort_feeds = make_inputs(shape, np.random.default_rng(seed))
     B, S, P = shape.batch, shape.new_tokens, shape.past
@@ -247,7 +255,7 @@ def measure(shape: Shape, threads: int, seconds: float, library: Path, seed: int
     return dict(
         shape=shape.name,
         **asdict(shape),
-        threads=threads,
+        threads=threads.count,
         ours_ms=round(ours_ms, 4),
         ort_attention23_ms=round(ort_ms, 4),
         speedup=round(ort_ms / ours_ms, 2),
@@ -270,7 +278,7 @@ def layered_feeds(feeds: dict, names: tuple[str, ...], layers: int, dtype: type)
 
 
 def measure_cold(
-    shape: Shape, threads: int, kv_formats: list[str], seconds: float, library: Path, seed: int = 0
+    shape: Shape, threads: Threads, kv_formats: list[str], seconds: float, library: Path, seed: int = 0
 ) -> list[dict]:
     """Cold cache: the chain of LAYERS nodes, each over its own pools, and the same Attention-23 chain.
     One row per KV format."""
@@ -296,7 +304,9 @@ def measure_cold(
         binding = bind(ours, feeds, outputs)
         ms, calls = median_ms(ours, binding, seconds)
         layer_us = ms * 1e3 / LAYERS
-        row = dict(shape=shape.name, **asdict(shape), kv_format=kv_format, threads=threads, layers=LAYERS)
+        row = dict(
+            shape=shape.name, **asdict(shape), kv_format=kv_format, threads=threads.count, layers=LAYERS
+        )
         row.update(
             ours_us_per_layer=round(layer_us, 1),
             ours_gb_per_s=round(kv_bytes(shape, kv_format) / layer_us / 1e3, 2),
@@ -388,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per op, shape, thread count")
     parser.add_argument("--library", type=Path, help="kernel .so to time (default: the built one)")
+    parser.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="session.intra_op.allow_spinning=0: pool threads sleep instead of spinning between ops",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args(argv)
     library = args.library or attention_cpu.library_path()
@@ -395,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the kernel library is not built: run `python -m kernels.attention_cpu build` first")
     info = machine()
     print(f"device: {info['cpu']} ({info['cores']} cores), load average {' '.join(info['load_average'])}")
-    print(f"kernel: {library}")
+    print(f"kernel: {library}, intra-op spinning {'off' if args.no_spin else 'on'}")
     print(
         f"num_heads={NUM_HEADS}, num_kv_heads={NUM_KV_HEADS}, head_dim={HEAD_DIM}, causal, fp32 activations"
     )
@@ -405,14 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         print(ROW.format("shape", "thr", "ours ms", "ORT-23 ms", "speedup", "ours", "max|diff|"))
         for shape in SHAPES:
             for threads in args.threads:
-                hot.append(measure(shape, threads, args.seconds, library))
+                hot.append(measure(shape, Threads(threads, not args.no_spin), args.seconds, library))
                 print_row(hot[-1])
     if "cold" in args.modes:
         print(f"cold cache ({LAYERS} layers, each with its own pools; per layer):")
         print(COLD_ROW.format("shape", "kv", "thr", "ours us", "GB/s", "ORT-23 us", "speedup", "max|diff|"))
         for shape in COLD_SHAPES:
             for threads in args.threads:
-                rows = measure_cold(shape, threads, args.kv_formats, args.seconds, library)
+                rows = measure_cold(
+                    shape, Threads(threads, not args.no_spin), args.kv_formats, args.seconds, library
+                )
                 for row in rows:
                     print_cold_row(row)
                 cold += rows
@@ -424,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         load_average_after=machine()["load_average"],
         versions=versions(),
         kernel_library=str(library),
+        intra_op_allow_spinning=not args.no_spin,
         config=dict(
             num_heads=NUM_HEADS,
             num_kv_heads=NUM_KV_HEADS,

@@ -113,7 +113,7 @@ def test_int4_weights_requantize_and_say_so(tmp_path):
     requantized = yaml.safe_load((out / "manifest.yaml").read_text())["weights"]["requantized"]
     assert requantized["layers.0.q"] == "F32 -> 4-bit blocks of 32"
     assert requantized["embed"] == "F32 -> 8-bit blocks of 32"
-    assert requantized["lm_head"] == "tied float table -> 4-bit blocks of 32 for the head"
+    assert requantized["lm_head"] == "tied Q8_0 table -> 4-bit blocks of 32 for the head"  # the 8-bit embed
     ours, ref = _prefill_logits(out, IDS), _reference_logits(hf, IDS)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6  # a random tiny model is fragile at 4 bits
 

@@ -4,9 +4,15 @@ The module fixture builds the library (`python -m kernels.attention_cpu build`) 
 be built (no g++, no npm, no network), the tests skip with the reason. When the CI environment variable
 is set, they fail instead.
 
+Three type variants: fp32 (activations and KV cache), fp16 (both), and fp32 activations over an fp16 KV
+cache ("fp32-kv16": fp16 storage, fp32 math; the new K/V are rounded to fp16 as they are written).
+
 Tolerances: fp32 must be within 1e-5 of the reference. fp16 must be within 2x the error of the
-reference itself run on fp16-rounded inputs, plus 1e-3. Pools must match the reference's exactly
-(outside the scratch block, which padding tokens write in any order).
+reference itself run on fp16-rounded inputs, plus 1e-3. fp32-kv16 must be within 1e-5 of the reference
+run on the same numbers: fp32 q/k/v with fp16 caches, so the reference rounds the caches and the new K/V
+exactly as the kernel does and then does fp32 math (the rounding error itself is not the kernel's).
+Pools must match the reference's exactly (outside the scratch block, which padding tokens write in any
+order).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import helper
+from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, RuntimeException
 
 from kernels import attention_cpu
@@ -31,7 +37,13 @@ from tests.attention_cases import (
     single_node_model,
 )
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# id -> (activation dtype, KV cache dtype)
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "fp32-kv16": (torch.float32, torch.float16),
+}
+KV_FORMATS = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +56,22 @@ def library():
         pytest.skip(f"the FlashAttention CPU kernel could not be built: {error}")
 
 
+def with_cache_dtype(case: dict, kv_dtype: torch.dtype) -> dict:
+    """The case with its pools cast to kv_dtype (the activations keep theirs)."""
+    return {**case, "k_cache": case["k_cache"].to(kv_dtype), "v_cache": case["v_cache"].to(kv_dtype)}
+
+
 def make_session(case: dict, *, causal: bool = True, sliding_window: int = 0, threads: int = 1, **attrs):
+    """A session of one FlashAttention node typed after the case: pools (and kv_format) from its caches."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     assert attention_cpu.register(options)
     model = single_node_model(case, causal=causal, sliding_window=sliding_window)
+    kv_elem = helper.np_dtype_to_tensor_dtype(case["k_cache"].numpy().dtype)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("k_cache", "v_cache")):
+            value.type.tensor_type.elem_type = kv_elem
+    attrs.setdefault("kv_format", KV_FORMATS[kv_elem])
     node = model.graph.node[0]
     kept = [attribute for attribute in node.attribute if attribute.name not in attrs]
     del node.attribute[:]
@@ -56,22 +79,27 @@ def make_session(case: dict, *, causal: bool = True, sliding_window: int = 0, th
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def check_against_reference(dtype: torch.dtype, *, causal: bool, sliding_window: int, threads: int, **shape):
+def check_against_reference(
+    dtypes: tuple[torch.dtype, torch.dtype], *, causal: bool, sliding_window: int, threads: int, **shape
+):
     """Run the kernel on a fresh random case and hold it to the tolerance rule of the module docstring."""
+    dtype, kv_dtype = dtypes
     ref_fp32 = reference(
         make_case(dtype=torch.float32, **shape), causal=causal, sliding_window=sliding_window
     )
-    case = make_case(dtype=dtype, **shape)  # the same draws, rounded to dtype
+    case = with_cache_dtype(make_case(dtype=dtype, **shape), kv_dtype)  # the same draws, rounded
     ref = reference(case, causal=causal, sliding_window=sliding_window)
     new_lens = case["new_lens"]
-    tolerance = 1e-5
+    expected, tolerance = ref_fp32[0], 1e-5
     if dtype == torch.float16:
         tolerance = 2 * max_error_on_real_rows(ref[0], ref_fp32[0], new_lens) + 1e-3
+    elif kv_dtype == torch.float16:
+        expected = ref[0]  # fp32 math on the fp16-rounded cache, as the kernel does it
     session = make_session(case, causal=causal, sliding_window=sliding_window, threads=threads)
     o, k_cache, v_cache = (torch.from_numpy(x) for x in session.run(None, feeds(case)))
-    assert o.dtype == dtype
-    error = max_error_on_real_rows(o, ref_fp32[0], new_lens)
-    assert error <= tolerance, f"max|out - ref_fp32| = {error:.3g} > {tolerance:.3g}"
+    assert o.dtype == dtype and k_cache.dtype == kv_dtype
+    error = max_error_on_real_rows(o, expected, new_lens)
+    assert error <= tolerance, f"max|out - ref| = {error:.3g} > {tolerance:.3g}"
     assert torch.isfinite(o.float()).all(), "padding queries must still be finite"
     assert caches_match(k_cache, ref[1]) and caches_match(v_cache, ref[2])
 
@@ -81,11 +109,11 @@ def check_against_reference(dtype: torch.dtype, *, causal: bool, sliding_window:
 @pytest.mark.parametrize("new_tokens", [1, 17, 97])
 @pytest.mark.parametrize("gqa", [1, 3, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_matches_reference(dtype, head_dim, gqa, new_tokens, causal, threads):
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_matches_reference(dtypes, head_dim, gqa, new_tokens, causal, threads):
     """Three rows of different past lengths; with S > 1 the last is right-padded."""
     check_against_reference(
-        dtype,
+        dtypes,
         causal=causal,
         sliding_window=0,
         threads=threads,
@@ -101,10 +129,10 @@ def test_matches_reference(dtype, head_dim, gqa, new_tokens, causal, threads):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("sliding_window", [1, 8, 40])
 @pytest.mark.parametrize("new_tokens", [1, 17, 97])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_sliding_window(dtype, new_tokens, sliding_window, causal):
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_sliding_window(dtypes, new_tokens, sliding_window, causal):
     check_against_reference(
-        dtype,
+        dtypes,
         causal=causal,
         sliding_window=sliding_window,
         threads=2,
@@ -116,11 +144,11 @@ def test_sliding_window(dtype, new_tokens, sliding_window, causal):
 
 @pytest.mark.parametrize("sliding_window", [0, 300])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_long_decode_splits_keys(dtype, threads, sliding_window):
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_long_decode_splits_keys(dtypes, threads, sliding_window):
     """Few rows with long pasts: the kernel splits the keys across items and merges the softmaxes."""
     check_against_reference(
-        dtype,
+        dtypes,
         causal=True,
         sliding_window=sliding_window,
         threads=threads,
@@ -128,6 +156,48 @@ def test_long_decode_splits_keys(dtype, threads, sliding_window):
         past_lens=[3000, 700],
         new_lens=[1, 1],
     )
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size",
+    [(12, 1, 40, 5), (7, 7, 24, 16), (14, 2, 8, 3), (16, 2, 64, 1)],
+    ids=["gqa12-d40-bs5", "mha-d24", "gqa7-d8-bs3", "gqa8-bs1"],
+)
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_decode_odd_shapes(dtypes, num_heads, num_kv_heads, head_dim, block_size):
+    """Decode with head_dim not a multiple of the SIMD width, groups above 8 and odd block sizes, over
+    rows of uneven lengths (one long enough to be split)."""
+    check_against_reference(
+        dtypes,
+        causal=True,
+        sliding_window=0,
+        threads=2,
+        seed=num_heads + head_dim,
+        past_lens=[0, 1, 63, 1500, 200],
+        new_lens=[1, 1, 1, 1, 1],
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+    )
+
+
+def test_calls_of_different_shapes_reuse_scratch():
+    """One session, one thread: long split decode, prefill, then short decode. Each call must not see the
+    buffers (split pieces, partial softmaxes) that the previous one left behind."""
+    shapes = [
+        dict(seed=13, past_lens=[2500, 900], new_lens=[1, 1]),
+        dict(seed=14, past_lens=[0, 40, 7], new_lens=[70, 33, 1]),
+        dict(seed=15, past_lens=[3], new_lens=[1]),
+        dict(seed=16, past_lens=[1200, 0, 333], new_lens=[1, 1, 1]),
+    ]
+    session = make_session(make_case(**shapes[0]), threads=2)
+    for shape in shapes:
+        case = make_case(**shape)
+        o, k_cache, v_cache = (torch.from_numpy(x) for x in session.run(None, feeds(case)))
+        o_ref, k_ref, v_ref = reference(case)
+        assert max_error_on_real_rows(o, o_ref, case["new_lens"]) <= 1e-5, shape
+        assert caches_match(k_cache, k_ref) and caches_match(v_cache, v_ref)
 
 
 @pytest.mark.parametrize("new_tokens", [1, 17])
@@ -154,10 +224,13 @@ def bind_pools(session, case: dict, k_out: ort.OrtValue, v_out: ort.OrtValue, po
     return binding
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_updates_pool_in_place_with_io_binding(dtype):
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
+def test_updates_pool_in_place_with_io_binding(dtypes):
     """Each pool bound as input and output: the kernel writes into the caller's buffer, no new pool."""
-    case = make_case(seed=3, past_lens=[0, 5, 130], new_lens=[17, 1, 9], dtype=dtype)
+    dtype, kv_dtype = dtypes
+    case = with_cache_dtype(
+        make_case(seed=3, past_lens=[0, 5, 130], new_lens=[17, 1, 9], dtype=dtype), kv_dtype
+    )
     arrays = {name: case[name].numpy().copy() for name in ("k_cache", "v_cache")}
     pools = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
     session = make_session(case, threads=2)
@@ -248,15 +321,16 @@ def test_bad_inputs_are_errors(corrupt, message):
 
 
 @pytest.mark.parametrize(
-    "attrs,message",
+    "attrs,kv_dtype,message",
     [
-        (dict(num_heads=5), r"num_heads=5 is not a multiple of num_kv_heads=3"),
-        (dict(kv_format="fp16"), r"kv_format 'fp16' does not match the fp32 KV cache"),
-        (dict(sliding_window=-1), r"sliding_window must be >= 0"),
+        (dict(num_heads=5), torch.float32, r"num_heads=5 is not a multiple of num_kv_heads=3"),
+        (dict(kv_format="fp16"), torch.float32, r"kv_format 'fp16' does not match the fp32 KV cache"),
+        (dict(kv_format="fp32"), torch.float16, r"kv_format 'fp32' does not match the fp16 KV cache"),
+        (dict(sliding_window=-1), torch.float32, r"sliding_window must be >= 0"),
     ],
-    ids=["gqa", "kv-format", "window"],
+    ids=["gqa", "kv-format", "kv-format-fp16-cache", "window"],
 )
-def test_bad_attributes_fail_session_creation(attrs, message):
-    case = make_case(seed=8, past_lens=[0], new_lens=[3])
+def test_bad_attributes_fail_session_creation(attrs, kv_dtype, message):
+    case = with_cache_dtype(make_case(seed=8, past_lens=[0], new_lens=[3]), kv_dtype)
     with pytest.raises(RuntimeException, match=message):
         make_session(case, **attrs)
