@@ -1,7 +1,8 @@
 """Our FlashAttention CPU kernel vs ONNX Runtime's own ``ai.onnx Attention`` (opset 23), same shapes.
 
     python -m kernels.attention_cpu build
-    python -m benchmarks.attention_cpu [--modes hot cold] [--threads 1 2] [--seconds 1.0] [--library SO]
+    python -m benchmarks.attention_cpu [--modes hot cold] [--threads 1 2] [--seconds 1.0]
+        [--library SO] [--baseline SO] [--no-spin]
 
 GQA with 9 query heads and 3 KV heads, head_dim 64, causal, float32 activations. Two tables:
 
@@ -16,7 +17,8 @@ GQA with 9 query heads and 3 KV heads, head_dim 64, causal, float32 activations.
 
 - **ours**: ``fastattention::FlashAttention`` over a paged pool (block_size 16, shuffled blocks). Each pool
   is bound as both input and output through IO binding, so the kernel updates it in place, as the runtime
-  does. ``--library`` times another build of the kernel (say, the previous version) instead of ours.
+  does. ``--library`` times another build of the kernel instead of the built one; ``--baseline`` times
+  another build (say, the previous commit's) beside it, in the same run (fp32 KV only in the cold table).
 - **ORT**: ``Attention`` with ``past_key/past_value`` [B, 3, P, 64] (dense, contiguous, fp32). It must
   write ``present_key/value`` [B, 3, P+S, 64], a copy of the whole cache, on every call. It has no fp16-KV
   form with fp32 activations, so the fp16 rows of the cold table have no ORT figure.
@@ -231,28 +233,24 @@ def figure(shape: Shape, ms: float) -> str:
     return f"{4 * pairs * NUM_HEADS * HEAD_DIM * shape.batch / ms / 1e6:.1f} GFLOP/s"
 
 
-def measure(shape: Shape, threads: Threads, seconds: float, library: Path, seed: int = 0) -> dict:
-    """Hot cache: one node, one pool, called again and again."""
+def measure(
+    shape: Shape, threads: Threads, seconds: float, library: Path, baseline: Path | None, seed: int = 0
+) -> dict:
+    """Hot cache: one node, one pool, called again and again (ours, ORT, and the baseline build if given)."""
     ours_feeds, ort_feeds = make_inputs(shape, np.random.default_rng(seed))
     B, S, P = shape.batch, shape.new_tokens, shape.past
     ours_feeds = rename(ours_feeds, {"k_cache": "k_cache.0", "v_cache": "v_cache.0"})
     ort_feeds = rename(ort_feeds, {"past_key": "past_key.0", "past_value": "past_value.0"})
-    o_ours = np.empty((B, S, NUM_HEADS * HEAD_DIM), np.float32)
-    o_ort = np.empty_like(o_ours)
+    o_ort = np.empty((B, S, NUM_HEADS * HEAD_DIM), np.float32)
     present = [np.empty((B, NUM_KV_HEADS, P + S, HEAD_DIM), np.float32) for _ in range(2)]
-    ours = session(flash_attention_model(), threads, library)
-    ours_binding = bind(
-        ours, ours_feeds, {"o": o_ours, "k_cache_out.0": "k_cache.0", "v_cache_out.0": "v_cache.0"}
-    )
     theirs = session(ort_attention_model(), threads, None)
     ort_binding = bind(
         theirs, ort_feeds, {"o": o_ort, "present_key.0": present[0], "present_value.0": present[1]}
     )
-    ours_ms, ours_calls = median_ms(ours, ours_binding, seconds)
     ort_ms, ort_calls = median_ms(theirs, ort_binding, seconds)
-    ours_out = ours_binding.get_outputs()[0].numpy()
     ort_out = ort_binding.get_outputs()[0].numpy()
-    return dict(
+    ours_ms, ours_calls, ours_out = time_ours(shape, ours_feeds, 1, "fp32", threads, library, seconds)
+    row = dict(
         shape=shape.name,
         **asdict(shape),
         threads=threads.count,
@@ -263,28 +261,56 @@ def measure(shape: Shape, threads: Threads, seconds: float, library: Path, seed:
         calls=dict(ours=ours_calls, ort=ort_calls),
         max_abs_diff=float(np.abs(ours_out - ort_out).max()),
     )
+    if baseline is not None:
+        baseline_ms, _, _ = time_ours(shape, ours_feeds, 1, "fp32", threads, baseline, seconds)
+        row.update(baseline_ms=round(baseline_ms, 4), speedup_vs_baseline=round(baseline_ms / ours_ms, 2))
+    return row
+
+
+def time_ours(
+    shape: Shape, feeds: dict, layers: int, kv_format: str, threads: Threads, library: Path, seconds: float
+) -> tuple[float, int, np.ndarray]:
+    """Median ms of the chain of `layers` FlashAttention nodes over `feeds` (pools k_cache.i/v_cache.i,
+    copied here so that every run starts from the same pools), its calls, and a copy of its output."""
+    feeds = {
+        name: array.astype(KV_DTYPES[kv_format]) if "_cache." in name else array
+        for name, array in feeds.items()
+    }
+    outputs = {"o": np.empty((shape.batch, shape.new_tokens, NUM_HEADS * HEAD_DIM), np.float32)}
+    for i in range(layers):
+        outputs.update({f"k_cache_out.{i}": f"k_cache.{i}", f"v_cache_out.{i}": f"v_cache.{i}"})
+    ours = session(flash_attention_model(layers, kv_format), threads, library)
+    binding = bind(ours, feeds, outputs)
+    ms, calls = median_ms(ours, binding, seconds)
+    return ms, calls, binding.get_outputs()[0].numpy().copy()
 
 
 def rename(feeds: dict, names: dict) -> dict:
     return {names.get(name, name): array for name, array in feeds.items()}
 
 
-def layered_feeds(feeds: dict, names: tuple[str, ...], layers: int, dtype: type) -> dict:
-    """`feeds` with each array named in `names` replaced by one copy per layer (name.i), cast to dtype."""
+def layered_feeds(feeds: dict, names: tuple[str, ...], layers: int) -> dict:
+    """`feeds` with each array named in `names` replaced by one copy per layer (name.i)."""
     out = {name: array for name, array in feeds.items() if name not in names}
     for name in names:
-        out.update({f"{name}.{i}": feeds[name].astype(dtype) for i in range(layers)})
+        out.update({f"{name}.{i}": feeds[name].copy() for i in range(layers)})
     return out
 
 
 def measure_cold(
-    shape: Shape, threads: Threads, kv_formats: list[str], seconds: float, library: Path, seed: int = 0
+    shape: Shape,
+    threads: Threads,
+    kv_formats: list[str],
+    seconds: float,
+    library: Path,
+    baseline: Path | None,
+    seed: int = 0,
 ) -> list[dict]:
     """Cold cache: the chain of LAYERS nodes, each over its own pools, and the same Attention-23 chain.
-    One row per KV format."""
+    One row per KV format; the baseline build (if given) is timed on fp32 KV only."""
     ours_feeds, ort_feeds = make_inputs(shape, np.random.default_rng(seed))
     B, S, P = shape.batch, shape.new_tokens, shape.past
-    theirs_feeds = layered_feeds(ort_feeds, ("past_key", "past_value"), LAYERS, np.float32)
+    theirs_feeds = layered_feeds(ort_feeds, ("past_key", "past_value"), LAYERS)
     outputs: dict = {"o": np.empty((B, S, NUM_HEADS * HEAD_DIM), np.float32)}
     for i in range(LAYERS):
         for kind in ("present_key", "present_value"):
@@ -294,15 +320,11 @@ def measure_cold(
     ort_ms, ort_calls = median_ms(theirs, binding, seconds)
     ort_out = binding.get_outputs()[0].numpy().copy()  # a copy: the bound buffers go away next
     del theirs, binding, theirs_feeds, outputs
+    pools = {name: ours_feeds.pop(name) for name in ("k_cache", "v_cache")}
+    ours_feeds.update({f"{name}.{i}": pool for name, pool in pools.items() for i in range(LAYERS)})
     rows = []
     for kv_format in kv_formats:
-        feeds = layered_feeds(ours_feeds, ("k_cache", "v_cache"), LAYERS, KV_DTYPES[kv_format])
-        outputs = {"o": np.empty((B, S, NUM_HEADS * HEAD_DIM), np.float32)}
-        for i in range(LAYERS):
-            outputs.update({f"k_cache_out.{i}": f"k_cache.{i}", f"v_cache_out.{i}": f"v_cache.{i}"})
-        ours = session(flash_attention_model(LAYERS, kv_format), threads, library)
-        binding = bind(ours, feeds, outputs)
-        ms, calls = median_ms(ours, binding, seconds)
+        ms, calls, out = time_ours(shape, ours_feeds, LAYERS, kv_format, threads, library, seconds)
         layer_us = ms * 1e3 / LAYERS
         row = dict(
             shape=shape.name, **asdict(shape), kv_format=kv_format, threads=threads.count, layers=LAYERS
@@ -315,12 +337,14 @@ def measure_cold(
             row.update(
                 ort_attention23_us_per_layer=round(ort_ms * 1e3 / LAYERS, 1), speedup=round(ort_ms / ms, 2)
             )
-        row.update(
-            calls=dict(ours=calls, ort=ort_calls),
-            max_abs_diff=float(np.abs(binding.get_outputs()[0].numpy() - ort_out).max()),
-        )
+            if baseline is not None:
+                base_ms, _, _ = time_ours(shape, ours_feeds, LAYERS, kv_format, threads, baseline, seconds)
+                row.update(
+                    baseline_us_per_layer=round(base_ms * 1e3 / LAYERS, 1),
+                    speedup_vs_baseline=round(base_ms / ms, 2),
+                )
+        row.update(calls=dict(ours=calls, ort=ort_calls), max_abs_diff=float(np.abs(out - ort_out).max()))
         rows.append(row)
-        del ours, binding, feeds
     return rows
 
 
@@ -342,30 +366,25 @@ def machine() -> dict:
     )
 
 
-ROW = "{:<30} {:>3} {:>9} {:>10} {:>8} {:>16} {:>9}"
-COLD_ROW = "{:<26} {:>4} {:>3} {:>11} {:>7} {:>11} {:>8} {:>9}"
+ROW = "{:<30} {:>3} {:>9} {:>10} {:>8} {:>16} {:>9} {:>9}"
+COLD_ROW = "{:<26} {:>4} {:>3} {:>11} {:>7} {:>11} {:>8} {:>9} {:>9}"
+
+
+def cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def print_row(r: dict) -> None:
-    ours, theirs, speedup = f"{r['ours_ms']:.3f}", f"{r['ort_attention23_ms']:.3f}", f"{r['speedup']:.2f}x"
-    print(
-        ROW.format(
-            r["shape"], r["threads"], ours, theirs, speedup, r["ours_figure"], f"{r['max_abs_diff']:.1e}"
-        )
-    )
+    cells = [r["shape"], r["threads"], cell(r["ours_ms"], ".3f"), cell(r["ort_attention23_ms"], ".3f")]
+    cells += [cell(r["speedup"], ".2f"), r["ours_figure"], cell(r["max_abs_diff"], ".1e")]
+    print(ROW.format(*cells, cell(r.get("baseline_ms"), ".3f")))
 
 
 def print_cold_row(r: dict) -> None:
-    theirs = r.get("ort_attention23_us_per_layer")
-    cells = [
-        r["shape"],
-        r["kv_format"],
-        r["threads"],
-        f"{r['ours_us_per_layer']:.1f}",
-        f"{r['ours_gb_per_s']:.1f}",
-    ]
-    cells += [f"{theirs:.1f}" if theirs else "-", f"{r['speedup']:.2f}x" if theirs else "-"]
-    print(COLD_ROW.format(*cells, f"{r['max_abs_diff']:.1e}"))
+    cells = [r["shape"], r["kv_format"], r["threads"], cell(r["ours_us_per_layer"], ".1f")]
+    cells += [cell(r["ours_gb_per_s"], ".1f"), cell(r.get("ort_attention23_us_per_layer"), ".1f")]
+    cells += [cell(r.get("speedup"), ".2f"), cell(r["max_abs_diff"], ".1e")]
+    print(COLD_ROW.format(*cells, cell(r.get("baseline_us_per_layer"), ".1f")))
 
 
 def versions() -> dict:
@@ -399,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per op, shape, thread count")
     parser.add_argument("--library", type=Path, help="kernel .so to time (default: the built one)")
     parser.add_argument(
+        "--baseline", type=Path, help="another build of the kernel (say, the previous one) to time beside it"
+    )
+    parser.add_argument(
         "--no-spin",
         action="store_true",
         help="session.intra_op.allow_spinning=0: pool threads sleep instead of spinning between ops",
@@ -417,19 +439,20 @@ def main(argv: list[str] | None = None) -> int:
     hot, cold = [], []
     if "hot" in args.modes:
         print("hot cache (one node, fp32 KV):")
-        print(ROW.format("shape", "thr", "ours ms", "ORT-23 ms", "speedup", "ours", "max|diff|"))
+        print(ROW.format("shape", "thr", "ours ms", "ORT-23 ms", "speedup", "ours", "max|diff|", "base ms"))
         for shape in SHAPES:
             for threads in args.threads:
-                hot.append(measure(shape, Threads(threads, not args.no_spin), args.seconds, library))
+                threading = Threads(threads, not args.no_spin)
+                hot.append(measure(shape, threading, args.seconds, library, args.baseline))
                 print_row(hot[-1])
     if "cold" in args.modes:
         print(f"cold cache ({LAYERS} layers, each with its own pools; per layer):")
-        print(COLD_ROW.format("shape", "kv", "thr", "ours us", "GB/s", "ORT-23 us", "speedup", "max|diff|"))
+        header = ["shape", "kv", "thr", "ours us", "GB/s", "ORT-23 us", "speedup", "max|diff|", "base us"]
+        print(COLD_ROW.format(*header))
         for shape in COLD_SHAPES:
             for threads in args.threads:
-                rows = measure_cold(
-                    shape, Threads(threads, not args.no_spin), args.kv_formats, args.seconds, library
-                )
+                threading = Threads(threads, not args.no_spin)
+                rows = measure_cold(shape, threading, args.kv_formats, args.seconds, library, args.baseline)
                 for row in rows:
                     print_cold_row(row)
                 cold += rows
@@ -441,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         load_average_after=machine()["load_average"],
         versions=versions(),
         kernel_library=str(library),
+        baseline_library=str(args.baseline) if args.baseline else None,
         intra_op_allow_spinning=not args.no_spin,
         config=dict(
             num_heads=NUM_HEADS,

@@ -43,11 +43,10 @@ class DecodeConfig:
     num_stages: int
 
 
-# Tile configs by padded head_dim. NOT YET TIMED ON A GPU (2026-11-25): picked for sm_90 from triton
-# 3.6's compile report (cp.async, no spills: D64/GQA 3 80 regs, D128/GQA 4 128 regs). Tune on the card:
-# `python -m benchmarks.attention_gpu --tune` times DECODE_CANDIDATES there (fp16, B=1, N=32k, paged
-# pool of 16-token blocks) and prints the winners for this table.
-DECODE_CONFIGS = {64: DecodeConfig(64, 4, 3), 128: DecodeConfig(64, 4, 3)}
+# Tile configs by padded head_dim, tuned on an NVIDIA H200 (sm_90, triton 3.6) on 2026-11-25 by
+# `python -m benchmarks.attention_gpu --tune` (DECODE_CANDIDATES at fp16, B=1, N=32k, 16-token blocks).
+# Re-tune on another card with the same command and copy its "configs" here.
+DECODE_CONFIGS = {64: DecodeConfig(64, 4, 3), 128: DecodeConfig(64, 4, 4)}
 INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
 MAX_ROWS_PER_PROGRAM = 64  # GROUP*S rows beyond this are cut into several row tiles
 SPLITS_PER_SM = 2  # the heuristic aims at this many programs per SM

@@ -45,17 +45,15 @@ class PrefillConfig:
     num_stages: int
 
 
-# Tile configs by (padded head_dim, causal). NOT YET TIMED ON A GPU (2026-11-25): picked for sm_90 from
-# triton 3.6's compile report (ahead-of-time compile on the CPU, no GPU): each uses wgmma (HGMMA) and
-# cp.async with no register spills (D128 193 regs / 128 KB smem; D64 245 regs / 64 KB), the shapes of
-# the Triton tutorial's Hopper configs. Tune on the card: `python -m benchmarks.attention_gpu --tune`
-# times every config in that script's PREFILL_CANDIDATES (fp16, N=8k), uses the winners and prints them
-# for this table.
+# Tile configs by (padded head_dim, causal), tuned on an NVIDIA H200 (sm_90, triton 3.6, torch 2.11) on
+# 2026-11-25 by `python -m benchmarks.attention_gpu --tune` (times every config in that script's
+# PREFILL_CANDIDATES at fp16, N=8k, and records the winners in benchmarks/results/attention_gpu.json).
+# Re-tune on another card with the same command and copy its "configs" here.
 PREFILL_CONFIGS = {
-    (64, False): PrefillConfig(128, 64, 4, 3),
-    (64, True): PrefillConfig(128, 64, 4, 3),
-    (128, False): PrefillConfig(128, 64, 8, 3),
-    (128, True): PrefillConfig(128, 64, 8, 3),
+    (64, False): PrefillConfig(128, 64, 4, 4),
+    (64, True): PrefillConfig(64, 64, 4, 3),
+    (128, False): PrefillConfig(128, 128, 8, 3),
+    (128, True): PrefillConfig(128, 128, 8, 3),
 }
 # TRITON_INTERPRET=1 on the CPU: small tiles so that short test sequences still cross tile edges.
 INTERPRETER_CONFIG = PrefillConfig(32, 16, 1, 1)
