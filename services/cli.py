@@ -225,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_client(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": run_generate, "up": run_up, "down": run_down, "client": run_client, "health": run_health}
+    commands = {
+        "generate": run_generate,
+        "up": run_up,
+        "down": run_down,
+        "client": run_client,
+        "health": run_health,
+    }
     try:
         return commands[args.command](args)
     except (EdgeError, RuntimeError, TimeoutError) as e:

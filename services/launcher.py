@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,13 @@ class Service:
     name: str
     address: str  # where clients on this host reach it
     process: subprocess.Popen | None = None
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for tests and benchmarks that start their own stack)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def command(name: str, config: str | Path | None, address: str | None = None) -> list[str]:

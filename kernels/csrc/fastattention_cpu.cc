@@ -526,13 +526,14 @@ struct Job {
   }
 
   // Decode: one item per row, each row's keys split into equal pieces only as far as it takes to give every
-  // hardware thread kItemsPerThread items (pieces of at least kMinSplitKeys keys). Longest pieces run first.
+  // hardware thread kItemsPerThread items of about the same size (pieces of about piece_keys >= kMinSplitKeys
+  // keys: a row of 2.0 pieces' keys makes 2 pieces, not 3 of which one thread would run two). Longest first.
   void plan_decode() {
     int64_t keys = 0;
     for (int64_t b = 0; b < n.B; ++b)
       if (real_len(b) > 0) keys += std::max<int64_t>(0, key_hi(b, 0) - key_lo(b, 0));
     const int64_t wanted = flops >= kMinParallelFlops ? kItemsPerThread * hardware_threads() : 1;
-    const int64_t piece_keys = std::max(kMinSplitKeys, ceil_div(keys, wanted));
+    const int64_t piece_keys = std::max(kMinSplitKeys, keys / wanted);
     std::vector<DecodeItem>& items = call->items;
     items.clear();
     call->splits.clear();
@@ -540,7 +541,7 @@ struct Job {
     for (int64_t b = 0; b < n.B; ++b) {
       if (real_len(b) == 0) continue;
       const int64_t ka = key_lo(b, 0), kb = std::max(ka, key_hi(b, 0));
-      const int64_t pieces = std::max<int64_t>(1, ceil_div(kb - ka, piece_keys));
+      const int64_t pieces = std::max<int64_t>(1, (2 * (kb - ka) + piece_keys) / (2 * piece_keys));  // rounded
       if (pieces == 1) {
         items.push_back({b, ka, kb, -1});
         continue;

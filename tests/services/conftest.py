@@ -3,7 +3,6 @@ command `edge up` uses (services/launcher.py), on free loopback ports, over the 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import grpc
@@ -12,12 +11,7 @@ import yaml
 
 from protos.edge.v1 import decode_pb2, decode_pb2_grpc
 from services import launcher
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.launcher import free_port
 
 
 class Stack:
