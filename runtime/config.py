@@ -19,6 +19,9 @@ import yaml
 from runtime.errors import ConfigError
 
 ATTENTION_KERNELS = ("auto", "native", "function")
+BACKENDS = ("onnxruntime", "torch")
+DEVICES = ("auto", "cuda", "cpu")
+COMPUTE_DTYPES = ("auto", "fp32", "fp16")
 T = TypeVar("T")
 
 
@@ -36,13 +39,21 @@ class RuntimeConfig:
     kv_cache_bytes: int = 0  # KV pool size; 0 = 512 MiB
     max_step_tokens: int = 512  # tokens computed in one step; longer prompts are prefilled in chunks
     max_queue: int = 64  # requests waiting for KV memory before new ones are refused
+    backend: str = "onnxruntime"  # onnxruntime (CPU), or torch: the artifact's weights in PyTorch (GPU nodes)
+    device: str = "auto"  # torch backend: cuda, cpu, or auto (cuda when available)
+    compute_dtype: str = "auto"  # torch backend: fp32, fp16, or auto (the artifact's dtype)
+    cuda_graphs: bool = True  # torch backend on cuda: replay decode steps from captured CUDA graphs
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ConfigError(
-                f"attention_kernel: {self.attention_kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}"
-            )
+        for name, allowed in (
+            ("attention_kernel", ATTENTION_KERNELS),
+            ("backend", BACKENDS),
+            ("device", DEVICES),
+            ("compute_dtype", COMPUTE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("block_size", "max_batch_size", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")

@@ -65,7 +65,12 @@ class Engine:
             max_step_tokens=config.max_step_tokens,
             max_queue=config.max_queue,
         )
-        self.backend = OrtBackend(artifact, config, layout)
+        if config.backend == "torch":
+            from runtime.backends.torch_cuda import TorchBackend  # torch is imported only when chosen
+
+            self.backend = TorchBackend(artifact, config, layout)
+        else:
+            self.backend = OrtBackend(artifact, config, layout)
         self._sequences: dict[str, Sequence] = {}
         self._parked: dict[str, Sequence] = {}  # finished with keep_kv: blocks held for export_kv
         self._ids = itertools.count()

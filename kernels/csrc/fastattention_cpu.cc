@@ -24,7 +24,7 @@
 // C++ for g++ and clang on x86-64 and aarch64; the only intrinsics widen fp16 rows (g++ 12 does not vectorize
 // _Float16 conversions). Work items run on ORT's intra-op thread pool through KernelContext_ParallelFor, or
 // serially when the call is too small to pay for waking the pool. Scratch memory is per thread and reused
-// across calls, so a call allocates nothing once warm.
+// across calls: once warm, a call allocates nothing but the few shape vectors of the ORT glue.
 //   - Decode (S == 1) streams the KV cache from DRAM: in a real model every layer's pool is read once per
 //     token and is long gone from the caches by the next token. So a work item is (row, contiguous key
 //     range) and reads each token's whole K and V rows (all KV heads) once, front to back, updating the
@@ -100,8 +100,10 @@ static_assert(sizeof(half) == 2, "half must be 16-bit storage");
 inline void widen(const half* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xFFFF, h));
+  }
 #endif
 #if defined(__F16C__)
   for (; i + 8 <= n; i += 8)
@@ -243,7 +245,10 @@ inline float sum_of(const float* x, int64_t n) {
 template <int Seg, size_t... I>
 inline vfloat fold_pair(vfloat x, vfloat y, std::index_sequence<I...>) {
   constexpr int N = kVec, H = Seg / 2;
-  const vfloat lo = __builtin_shufflevector(x, y, ((I < N / 2 ? 0 : N) + (I % (N / 2)) / H * Seg + (I % (N / 2)) % H)...);
+  // Output lane I reads x (I < N / 2) or y at segment j = t / H, offset r = t % H with t = I % (N / 2):
+  // lane j * Seg + r (lo, the segment's first half) and lane j * Seg + H + r (hi, its second half).
+  const vfloat lo =
+      __builtin_shufflevector(x, y, ((I < N / 2 ? 0 : N) + (I % (N / 2)) / H * Seg + (I % (N / 2)) % H)...);
   const vfloat hi =
       __builtin_shufflevector(x, y, ((I < N / 2 ? 0 : N) + (I % (N / 2)) / H * Seg + H + (I % (N / 2)) % H)...);
   return lo + hi;
@@ -262,7 +267,8 @@ inline void dots(const float* q, int64_t D, const R* const* rows, float* out) {
   vfloat acc[kVec] = {};
   int64_t d = 0;
   for (; d + 4 * kVec <= D; d += 4 * kVec) {
-    const vfloat q0 = vload(q + d), q1 = vload(q + d + kVec), q2 = vload(q + d + 2 * kVec), q3 = vload(q + d + 3 * kVec);
+    const vfloat q0 = vload(q + d), q1 = vload(q + d + kVec);
+    const vfloat q2 = vload(q + d + 2 * kVec), q3 = vload(q + d + 3 * kVec);
     for (int i = 0; i < kVec; ++i) {
       const R* r = rows[i] + d;
       acc[i] += q0 * vload(r);
@@ -578,8 +584,8 @@ struct Job {
     std::fill(m, m + Hq, kNegInf);
     std::fill(l, l + Hq, 0.0f);
     if (item.ka < item.kb) attend_query(item.b, 0, 0, n.Hkv, item.ka, item.kb, sc, O, m, l);
-    if (item.slot < 0)
-      for (int64_t h = 0; h < Hq; ++h) store_row(o + (item.b * Hq + h) * D, O + h * D, l[h] > 0.0f ? 1.0f / l[h] : 0.0f);
+    if (item.slot >= 0) return;
+    for (int64_t h = 0; h < Hq; ++h) store_row(o + (item.b * Hq + h) * D, O + h * D, l[h] > 0.0f ? 1.0f / l[h] : 0.0f);
   }
 
   // Prefill items run heaviest first: late query tiles see the most keys.
