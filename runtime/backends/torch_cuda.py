@@ -146,7 +146,8 @@ class GraphWeights:
     def norm(self, path: str) -> np.ndarray:
         name = f"{path}.weight"
         if name not in self.initializers:
-            rms = [n for n in self.nodes.get(path, []) if n.op_type == "RMSNormalization"]
+            norms = ("RMSNormalization", "SimplifiedLayerNormalization")
+            rms = [n for n in self.nodes.get(path, []) if n.op_type in norms]
             if len(rms) != 1 or rms[0].input[1] not in self.initializers:
                 raise ArtifactError(f"{self.source}: no weight for {path}; re-export")
             name = rms[0].input[1]
@@ -505,7 +506,7 @@ class TorchBackend:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """One eager step: logits [B, L, V] float32 on the device."""
         inputs = {
-            name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device, INPUT_DTYPES[name])
+            name: torch.from_numpy(np.require(value, requirements="CW")).to(self.device, INPUT_DTYPES[name])
             for name, value in batch.feeds().items()
         }
         logits, _ = self.model(**inputs, caches=self._pools)

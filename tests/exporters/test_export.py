@@ -206,3 +206,25 @@ def test_existing_output_is_kept_unless_forced(tmp_path, capsys):
     assert code == 2 and "--force" in err and sha256_file(out / "manifest.yaml") == before
     assert _run_cli([str(path), "--out", str(out), "--force", "--weights", "fp"], capsys)[0] == 0
     assert yaml.safe_load((out / "manifest.yaml").read_text())["weights"]["mode"] == "fp"
+
+
+def test_int4_turns_q4_1_minimums_into_integer_zero_points(tmp_path):
+    """--weights int4 drops Q4_1's per-block minimum for MatMulNBits' own zero points: the graph
+    computes exactly the shifted blocks (checked against the eager module built from them)."""
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", matrix_type=QT.Q4_1)
+    checkpoint = open_checkpoint(gguf_path)
+    options = ExportOptions(weights="int4", compute="fp32", progress=False)
+    out = export_artifact(checkpoint, tmp_path / "art", options)
+    requantized = yaml.safe_load((out / "manifest.yaml").read_text())["weights"]["requantized"]
+    assert requantized["layers.1.down"] == "Q4_1 -> 4-bit blocks with integer zero points"
+    plan = plan_weights(checkpoint, options)
+    q = plan.tensors["layers.0.q"]
+    assert q.mins is None and q.zero_point.shape == q.scales.shape
+    shift = np.abs(q.dequantize() - checkpoint.float_tensor("layers.0.q")).reshape(q.scales.shape[0], -1, 32).max(-1)
+    assert (shift <= q.scales / 2 + 1e-6).mean() > 0.95  # each block moves by at most half a step unless clipped
+    with torch.no_grad():
+        shifted = Llama(checkpoint.config, plan.tensors).eval().forward_dense(torch.tensor([IDS]))[0].numpy()
+    ours = _prefill_logits(out, IDS)
+    assert np.abs(ours - shifted).max() <= 1e-4 * max(1.0, np.abs(shifted).max())
+    ref = _reference_logits(gguf_path, IDS)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
