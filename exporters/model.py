@@ -105,7 +105,7 @@ class Embedding(nn.Module):
             self.weight = nn.Parameter(torch.tensor(weight, dtype=dtype), requires_grad=False)
             return
         if not isinstance(weight.zero_point, int):
-            raise ValueError("a block-quantized embedding needs one zero point for all blocks (Q8_0, Q4_0, Q4_1)")
+            raise ValueError("a block-quantized embedding needs one zero point for all blocks (as Q8_0 has)")
         self.dtype = dtype
         self.zero_point = weight.zero_point
         n, k = weight.codes.shape

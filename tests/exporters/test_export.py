@@ -220,8 +220,9 @@ def test_int4_turns_q4_1_minimums_into_integer_zero_points(tmp_path):
     plan = plan_weights(checkpoint, options)
     q = plan.tensors["layers.0.q"]
     assert q.mins is None and q.zero_point.shape == q.scales.shape
-    shift = np.abs(q.dequantize() - checkpoint.float_tensor("layers.0.q")).reshape(q.scales.shape[0], -1, 32).max(-1)
-    assert (shift <= q.scales / 2 + 1e-6).mean() > 0.95  # each block moves by at most half a step unless clipped
+    shift = np.abs(q.dequantize() - checkpoint.float_tensor("layers.0.q"))
+    shift = shift.reshape(q.scales.shape[0], -1, 32).max(-1)
+    assert (shift <= q.scales / 2 + 1e-6).mean() > 0.95  # a block moves by at most half a step unless clipped
     with torch.no_grad():
         shifted = Llama(checkpoint.config, plan.tensors).eval().forward_dense(torch.tensor([IDS]))[0].numpy()
     ours = _prefill_logits(out, IDS)
