@@ -32,14 +32,7 @@ def _add_generate(sub) -> None:
         help=f"artifact directory (default {DEFAULT_ARTIFACT})",
     )
     p.add_argument("--config", type=Path, help="runtime YAML (the 'runtime' section is read)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    _add_sampling(p)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
@@ -64,16 +57,7 @@ def run_generate(args) -> int:
     from runtime.sampling import SamplingParams
 
     config = load_config(args.config) if args.config else RuntimeConfig()
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
+    params = SamplingParams(**_sampling_settings(args))
     engine = Engine.from_artifact(args.artifact, config, verify=not args.no_verify)
     ids = _prompt_ids(engine, args)
     start = time.perf_counter()
@@ -113,6 +97,20 @@ def _add_sampling(p) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def _sampling_settings(args) -> dict:
+    """The sampling flags as keyword arguments of SamplingParams and of the client."""
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def _add_up_down(sub) -> None:
@@ -186,16 +184,7 @@ def run_client(args) -> int:
                     f"\tkv {model.kv_format}"
                 )
             return 0
-        settings = dict(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-            stop=args.stop,
-            ignore_eos=args.ignore_eos,
-        )
+        settings = _sampling_settings(args)
         if args.call == "chat":
             system = [{"role": "system", "content": args.system}] if args.system else []
             stream = client.chat(system + [{"role": "user", "content": args.prompt}], **settings)
