@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=["auto", "fp32", "fp16"],
-        help="KV cache storage (auto: as --dtype)",
+        choices=["auto", "fp32", "fp16", "int8", "int4"],
+        help="KV cache storage (auto: as --dtype; int8/int4: quantized per token, see kernels/kv_quant.py)",
     )
     p.add_argument(
         "--weights",

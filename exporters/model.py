@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporters.checkpoint import QUANT_BLOCK, BlockQuant, ModelConfig
+from kernels.kv_formats import KV_QUANT_FORMATS
+from kernels.kv_quant import paged_attention_quant_ref
 from kernels.reference import attention_ref, paged_attention_ref
 
 ATTENTION_DOMAIN = "fastattention"
@@ -213,8 +215,14 @@ class PagedKV:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int, kv_format: str
+    ) -> None:
         super().__init__()
+        self.kv_format = kv_format  # a quantized format (kernels/kv_quant.py), or "" when the pool is float
+        if kv_format:  # K's per-channel means, subtracted before quantizing (set by calibration)
+            width = config.num_kv_heads * config.head_dim
+            self.register_buffer("k_mean", torch.zeros(width, dtype=dtype))
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -235,7 +243,11 @@ class Attention(nn.Module):
         out = attention_ref(q, k, v, sliding_window=self.sliding_window)
         return self.o(out.transpose(1, 2).flatten(2))
 
-    def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV):
+    def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV, scales=None):
+        """Float pools: (o, k_cache, v_cache). Quantized pools (scales = (k_scale, v_scale)):
+        (o, k_codes, v_codes, k_scale, v_scale)."""
+        if scales is not None:
+            return self._forward_quantized(x, rope, k_cache, v_cache, kv, scales)
         q, k, v = self.project(x, rope)
         attrs = dict(
             num_heads=self.num_heads,
@@ -261,6 +273,34 @@ class Attention(nn.Module):
             out, k_cache, v_cache = paged_attention_ref(*inputs, **attrs)
         return self.o(out), k_cache, v_cache
 
+    def _forward_quantized(self, x, rope: Rope, k_codes, v_codes, kv: PagedKV, scales):
+        q, k, v = self.project(x, rope)
+        k_scale, v_scale = scales
+        inputs = (q, k, v, k_codes, v_codes, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+        inputs += (k_scale, v_scale, self.k_mean)
+        attrs = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            scale=float(self.head_dim**-0.5),
+            causal=1,
+            sliding_window=self.sliding_window,
+            kv_format=self.kv_format,
+        )
+        pools = (k_codes, v_codes, k_scale, v_scale)
+        if torch.onnx.is_in_onnx_export():
+            out, *pools = torch.onnx.ops.symbolic_multi_out(
+                f"{ATTENTION_DOMAIN}::{ATTENTION_OP}",
+                inputs,
+                attrs,
+                dtypes=(q.dtype, *(t.dtype for t in pools)),
+                shapes=(q.shape, *(t.shape for t in pools)),
+                version=ATTENTION_OP_VERSION,
+            )
+        else:
+            attrs["causal"] = True
+            out, *pools = paged_attention_quant_ref(*inputs, **attrs)
+        return (self.o(out), *pools)
+
 
 class MLP(nn.Module):
     def __init__(self, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
@@ -274,10 +314,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int, kv_format: str
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(weights["attn_norm"], config.rms_norm_eps, dtype)
-        self.attn = Attention(config, weights, dtype, accuracy_level)
+        self.attn = Attention(config, weights, dtype, accuracy_level, kv_format)
         self.mlp_norm = RMSNorm(weights["mlp_norm"], config.rms_norm_eps, dtype)
         self.mlp = MLP(weights, dtype, accuracy_level)
 
@@ -285,10 +327,14 @@ class DecoderLayer(nn.Module):
         x = x + self.attn.forward_dense(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV):
-        h, k_cache, v_cache = self.attn(self.attn_norm(x), rope, k_cache, v_cache, kv)
+    def forward(self, x, rope: Rope, pool: list[torch.Tensor], kv: PagedKV):
+        """pool: [k, v] (float) or [k_codes, v_codes, k_scale, v_scale]; returns (x, updated pool)."""
+        if len(pool) == 2:
+            h, *pool = self.attn(self.attn_norm(x), rope, pool[0], pool[1], kv)
+        else:
+            h, *pool = self.attn(self.attn_norm(x), rope, pool[0], pool[1], kv, scales=(pool[2], pool[3]))
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+        return x + self.mlp(self.mlp_norm(x)), pool
 
 
 class Llama(nn.Module):
@@ -298,13 +344,22 @@ class Llama(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, weights: dict, dtype: torch.dtype = torch.float32, accuracy_level: int = 0
+        self,
+        config: ModelConfig,
+        weights: dict,
+        dtype: torch.dtype = torch.float32,
+        accuracy_level: int = 0,
+        kv_format: str = "",
     ) -> None:
+        """kv_format: a quantized KV format (kernels/kv_quant.py), or "" for float pools."""
         super().__init__()
+        if kv_format and kv_format not in KV_QUANT_FORMATS:
+            raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_QUANT_FORMATS)}")
         self.config = config
+        self.pool_tensors = 4 if kv_format else 2  # per layer: K, V (+ K scales, V scales)
         self.embed = Embedding(weights["embed"], dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, _layer_weights(weights, i), dtype, accuracy_level)
+            DecoderLayer(config, _layer_weights(weights, i), dtype, accuracy_level, kv_format)
             for i in range(config.num_layers)
         )
         self.final_norm = RMSNorm(weights["final_norm"], config.rms_norm_eps, dtype)
@@ -337,16 +392,17 @@ class Llama(nn.Module):
         past_lens: torch.Tensor,  # [B] int32
         total_lens: torch.Tensor,  # [B] int32
         logit_positions: torch.Tensor,  # [B, L] int64: which of the S rows produce logits
-        caches: list[torch.Tensor],  # k_cache.0, v_cache.0, k_cache.1, ... [num_blocks, block_size, Hkv*D]
+        caches: list[torch.Tensor],  # per layer: k_cache, v_cache (+ k_scale, v_scale when quantized)
     ):
         """Serving step: logits [B, L, V] (float32) and the updated caches, in input order."""
         kv = PagedKV(block_table, slot_mapping, past_lens, total_lens)
         rope = self._rope(position_ids)
         x = self.embed(input_ids)
         new_caches = []
+        n = self.pool_tensors
         for i, layer in enumerate(self.layers):
-            x, k_cache, v_cache = layer(x, rope, caches[2 * i], caches[2 * i + 1], kv)
-            new_caches += [k_cache, v_cache]
+            x, pool = layer(x, rope, caches[n * i : n * (i + 1)], kv)
+            new_caches += pool
         index = logit_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.gather(x, 1, index)
         return self.lm_head(self.final_norm(x)).float(), new_caches

@@ -26,9 +26,12 @@ import torch
 from tqdm import tqdm
 
 from exporters.attention_function import flash_attention_function
+from exporters.calibration import CALIBRATION_MODULES, CALIBRATION_TOKENS, calibrate_k_means, calibration_ids
 from exporters.checkpoint import LAYER_TENSORS, QUANT_BLOCK, BlockQuant, CheckpointError
 from exporters.model import ATTENTION_DOMAIN, ATTENTION_OP, ATTENTION_OP_VERSION, Llama
+from kernels.kv_formats import KV_QUANT_FORMATS, group_size
 from runtime.artifact import MODEL_FILE, WEIGHTS_FILE, write_manifest
+from runtime.kv_cache import pool_tensors
 
 OPSET = 23
 WEIGHT_MODES = ("auto", "fp", "int8", "int4")
@@ -42,7 +45,7 @@ class ExportOptions:
     """What `export-model` was asked for."""
 
     dtype: str = "fp32"  # activations and fp weights: fp32 or fp16
-    kv_dtype: str = "auto"  # KV cache storage: fp32, fp16, or auto (= dtype)
+    kv_dtype: str = "auto"  # KV cache storage: fp32, fp16, int8, int4, or auto (= dtype)
     weights: str = "auto"  # auto: keep the checkpoint's blocks or floats; fp; int8; int4
     compute: str = "int8"  # MatMulNBits compute: int8 (fast, activations quantized) or fp32 (exact)
     progress: bool = True
@@ -54,7 +57,7 @@ class ExportOptions:
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("dtype", self.dtype, tuple(DTYPES)),
-            ("kv-dtype", self.kv_dtype, ("auto", *DTYPES)),
+            ("kv-dtype", self.kv_dtype, ("auto", *DTYPES, *KV_QUANT_FORMATS)),
             ("weights", self.weights, WEIGHT_MODES),
             ("compute", self.compute, tuple(COMPUTE_MODES)),
         ):
@@ -168,12 +171,14 @@ def quantize_blocks(w: np.ndarray, bits: int) -> BlockQuant:
 # ONNX
 
 
-def example_inputs(model: Llama, kv_dtype: torch.dtype):
+def example_inputs(model: Llama, kv_format: str):
     config = model.config
     B, S, max_blocks, num_blocks, block_size = 2, 3, 2, 5, 16
-    width = config.num_kv_heads * config.head_dim
+    pool = pool_tensors(kv_format, config.num_kv_heads * config.head_dim, config.head_dim)
     caches = [
-        torch.zeros(num_blocks, block_size, width, dtype=kv_dtype) for _ in range(2 * config.num_layers)
+        torch.from_numpy(np.zeros((num_blocks, block_size, t.width), t.dtype))
+        for _ in range(config.num_layers)
+        for t in pool
     ]
     args = (
         torch.zeros(B, S, dtype=torch.int64),
@@ -204,12 +209,12 @@ def example_inputs(model: Llama, kv_dtype: torch.dtype):
 EXPORT_STAGES = ("tracing and translating to ONNX", "optimizing the graph", "writing files")
 
 
-def export_onnx(model: Llama, path: Path, kv_dtype: torch.dtype, stage=lambda name: None) -> None:
+def export_onnx(model: Llama, path: Path, kv_format: str, stage=lambda name: None) -> None:
     """Export the serving graph to `path` (+ external data) with canonical input/output names.
 
     `stage(name)` is called as each of EXPORT_STAGES begins (for progress display).
     """
-    args, dynamic = example_inputs(model, kv_dtype)
+    args, dynamic = example_inputs(model, kv_format)
     with warnings.catch_warnings(), torch.no_grad(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         stage(EXPORT_STAGES[0])
@@ -226,9 +231,10 @@ def export_onnx(model: Llama, path: Path, kv_dtype: torch.dtype, stage=lambda na
         program.optimize()
     stage(EXPORT_STAGES[2])
     proto = program.model_proto
-    _rename_io(proto, model.config.num_layers)
+    config = model.config
+    _rename_io(proto, cache_names(kv_format, config))
     _use_native_rms_norm(proto)
-    proto.functions.append(flash_attention_function(OPSET))
+    proto.functions.append(flash_attention_function(OPSET, kv_format, config.head_dim))
     _check_attention_nodes(proto, model.config.num_layers)
     onnx.save_model(
         proto,
@@ -252,13 +258,15 @@ class _quiet_torch_logs:
         self._logger.setLevel(self._level)
 
 
-def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = [f"{kind}_cache.{i}" for i in range(num_layers) for kind in ("k", "v")]
+def cache_names(kv_format: str, config) -> tuple[list[str], list[str]]:
+    """Graph names of every layer's pool tensors (runtime.kv_cache.pool_tensors), inputs and outputs."""
+    pool = pool_tensors(kv_format, config.num_kv_heads * config.head_dim, config.head_dim)
+    inputs = [f"{t.name}.{i}" for i in range(config.num_layers) for t in pool]
     return inputs, [f"{name}.out" for name in inputs]
 
 
-def _rename_io(proto: onnx.ModelProto, num_layers: int) -> None:
-    cache_in, cache_out = cache_names(num_layers)
+def _rename_io(proto: onnx.ModelProto, names: tuple[list[str], list[str]]) -> None:
+    cache_in, cache_out = names
     inputs = proto.graph.input[7:]
     outputs = proto.graph.output
     renames = {old.name: new for old, new in zip(inputs, cache_in)}
@@ -318,8 +326,17 @@ def export_artifact(
         num_tensors = 2 + config.num_layers * len(LAYER_TENSORS) + (not config.tie_word_embeddings)
         with tqdm(total=num_tensors, desc="reading weights", unit="tensor", disable=quiet) as bar:
             plan = plan_weights(checkpoint, options, bar)
-        kv_dtype = DTYPES[options.kv_format]
-        model = Llama(config, plan.tensors, dtype, COMPUTE_MODES[options.compute]).eval()
+        kv_quantized = options.kv_format in KV_QUANT_FORMATS
+        model = Llama(
+            config,
+            plan.tensors,
+            dtype,
+            COMPUTE_MODES[options.compute],
+            options.kv_format if kv_quantized else "",
+        ).eval()
+        if kv_quantized:
+            tokens = min(CALIBRATION_TOKENS, config.max_position_embeddings)
+            calibrate_k_means(model, calibration_ids(tokenizer.tokenizer_json, tokens))
         del plan.tensors
         with tqdm(total=len(EXPORT_STAGES), desc="exporting", unit="stage", disable=quiet) as bar:
 
@@ -327,7 +344,7 @@ def export_artifact(
                 bar.n = EXPORT_STAGES.index(name)  # stages finished so far
                 bar.set_postfix_str(name)  # also redraws the bar
 
-            export_onnx(model, tmp / MODEL_FILE, kv_dtype, stage)
+            export_onnx(model, tmp / MODEL_FILE, options.kv_format, stage)
             del model
             write_manifest(tmp, _manifest(config, tokenizer, options, plan))
             bar.update(len(EXPORT_STAGES) - bar.n)
@@ -346,6 +363,23 @@ def _publish(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
+
+
+def _kv_manifest(kv_format: str, config) -> dict:
+    entry = {
+        "format": kv_format,
+        "layout": "paged",
+        "pool": [f"{t.name}: [num_blocks, block_size, {t.width}] {t.dtype}" for t in pool_tensors(
+            kv_format, config.num_kv_heads * config.head_dim, config.head_dim)],
+        "in_place": True,
+    }  # fmt: skip
+    if kv_format in KV_QUANT_FORMATS:
+        entry["group"] = group_size(kv_format, config.head_dim)
+        entry["spec"] = "kernels/kv_quant.py"
+        entry["k_mean_calibration"] = (
+            f"{CALIBRATION_TOKENS} tokens of docstrings of {', '.join(CALIBRATION_MODULES)}"
+        )
+    return entry
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -406,12 +440,7 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
             "carried_blocks": carried,  # GGUF block type -> tensors kept as they are
             "requantized": plan.requantized,
         },
-        "kv_cache": {
-            "format": options.kv_format,
-            "layout": "paged",
-            "pool_shape": "[num_blocks, block_size, num_kv_heads * head_dim]",
-            "in_place": True,
-        },
+        "kv_cache": _kv_manifest(options.kv_format, config),
         "tokenizer": {
             "file": "tokenizer.json",
             "bos_token_id": tokenizer.bos_token_id,

@@ -12,6 +12,9 @@ side only; ``write_kv_cache`` does the write side and ``paged_attention`` runs b
 - past_lens, total_lens [B] int32: query s of row b sits at position past_lens[b] + s and sees keys
   j < total_lens[b]; causal: also j <= past_lens[b] + s; sliding window W > 0: past_lens[b] + s - j < W.
   A query that sees no key outputs zeros. head_dim D in {64, 80, 96, 128}; Hq a multiple of Hkv.
+- ``return_lse``: also the log-sum-exp of each query's scaled scores, lse [B, S, Hq] fp32 (natural log;
+  -inf where no key is seen), so partial results over disjoint key ranges merge exactly
+  (``kernels.attention_offload.merge_partials``). ``out_dtype`` (e.g. fp32) keeps partials unrounded.
 
 Algorithm (flash-decoding, Dao et al. 2023): program (row b, KV head, split) owns every query head of
 that KV group for all S tokens of the row, as one tile of GROUP*S rows (padded to >= 16 for the tensor
@@ -34,6 +37,7 @@ HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_QUERY_TOKENS = 16
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,12 @@ MAX_PARTIAL_ELEMENTS = 8192  # next_pow2(num_splits) * padded head_dim: what the
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_CACHE, V_CACHE, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, OUT, O_PART, M_PART, L_PART,
+    Q, K_CACHE, V_CACHE, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, OUT, LSE, O_PART, M_PART, L_PART,
     stride_qb, stride_qs, stride_kb, stride_kt, stride_vb, stride_vt, stride_tb, stride_ob, stride_os,
     seq_q, kv_per_split, qk_scale, window, NUM_KV_HEADS, NUM_ROW_TILES,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -129,12 +133,17 @@ def _decode_split_kernel(
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_offs = b64 * stride_ob + s_idx[:, None] * stride_os + head[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if RETURN_LSE:  # lse [B, S, Hq]
+            seen = l_i > 0.0
+            lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+            tl.store(LSE + (b64 * seq_q + s_idx) * (NUM_KV_HEADS * GROUP) + head, lse, mask=row_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    O_PART, M_PART, L_PART, OUT, stride_ob, stride_os, num_splits, NUM_KV_HEADS, ROWS_PADDED,
+    O_PART, M_PART, L_PART, OUT, LSE, stride_ob, stride_os, num_splits, NUM_KV_HEADS, ROWS_PADDED, seq_q,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):  # fmt: skip
     """One program per (row b, KV head, tile row): merge its num_splits partial outputs."""
     pid = tl.program_id(0)
@@ -156,6 +165,11 @@ def _decode_merge_kernel(
     head = kv_h * GROUP + row % GROUP
     o_offs = b.to(tl.int64) * stride_ob + s_idx * stride_os + head * HEAD_DIM + offs_d
     tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if RETURN_LSE:
+        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+        seen = total > 0.0
+        lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, total, 1.0))) * LN2, float("-inf"))
+        tl.store(LSE + (b.to(tl.int64) * seq_q + s_idx) * (NUM_KV_HEADS * GROUP) + head, lse)
 
 
 def flash_attention_decode(
@@ -173,11 +187,14 @@ def flash_attention_decode(
     sliding_window: int = 0,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
-) -> torch.Tensor:
-    """Attention of q over the paged pool (module docstring); returns o [B, S, Hq*D].
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the paged pool (module docstring); returns o [B, S, Hq*D] (in ``out_dtype``,
+    default q's), or (o, lse [B, S, Hq] fp32) when ``return_lse``.
 
     ``num_splits`` None picks the split count from the shapes and the SM count; 1 disables the merge
-    step. ``config`` overrides the tuned tile config (for tuning only).
+    step. ``config`` overrides the tuned tile config (tuning, and the Volta variant's tiles).
     """
     _check_inputs(q, k_cache, v_cache, block_table, past_lens, total_lens, num_heads, num_kv_heads)
     if sliding_window < 0:
@@ -188,9 +205,10 @@ def flash_attention_decode(
     head_dim = q.shape[2] // num_heads
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
+    lse = torch.empty((batch, seq_q, num_heads) if return_lse else (1,), device=q.device, dtype=torch.float32)
     if batch == 0:
-        return o
+        return (o, lse) if return_lse else o
     if config is None:
         config = DECODE_CONFIGS[block_d] if q.is_cuda else INTERPRETER_CONFIG
     rows = group * seq_q
@@ -214,21 +232,22 @@ def flash_attention_decode(
     l_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
     _decode_split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, block_table, past_lens, total_lens, o, o_part, m_part, l_part,
+        q, k_cache, v_cache, block_table, past_lens, total_lens, o, lse, o_part, m_part, l_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         block_table.stride(0), o.stride(0), o.stride(1),
         seq_q, kv_per_split, scale * LOG2E, sliding_window, num_kv_heads, row_tiles,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=config.block_n,
-        PAGE_SIZE=page_size, CAUSAL=causal, HAS_WINDOW=sliding_window > 0, SPLIT=split,
+        PAGE_SIZE=page_size, CAUSAL=causal, HAS_WINDOW=sliding_window > 0, SPLIT=split, RETURN_LSE=return_lse,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if split:
         _decode_merge_kernel[(batch * num_kv_heads, rows)](
-            o_part, m_part, l_part, o, o.stride(0), o.stride(1), num_splits, num_kv_heads, rows_padded,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            o_part, m_part, l_part, o, lse, o.stride(0), o.stride(1), num_splits, num_kv_heads, rows_padded,
+            seq_q, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), RETURN_LSE=return_lse,
             num_warps=4 if q.is_cuda else 1,
         )  # fmt: skip
-    return o
+    return (o, lse) if return_lse else o
 
 
 def write_kv_cache(

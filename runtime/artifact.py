@@ -86,9 +86,19 @@ class Artifact:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers."""
-        width = self.model.num_kv_heads * self.model.head_dim
-        return 2 * self.model.num_layers * width * {"fp32": 4, "fp16": 2}[self.kv_format]
+        """K and V of one token over all layers, in the artifact's KV format (scales included)."""
+        from runtime.kv_cache import bytes_per_token
+
+        m = self.model
+        return bytes_per_token(self.kv_format, m.num_layers, m.num_kv_heads * m.head_dim, m.head_dim)
+
+    def pool_tensors(self):
+        """The tensors of one layer's KV pool (runtime.kv_cache.PoolTensor)."""
+        from runtime.kv_cache import pool_tensors
+
+        return pool_tensors(
+            self.kv_format, self.model.num_kv_heads * self.model.head_dim, self.model.head_dim
+        )
 
 
 def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:

@@ -18,7 +18,8 @@ import yaml
 
 from runtime.errors import ConfigError
 
-ATTENTION_KERNELS = ("auto", "native", "function")
+ATTENTION_KERNELS = ("auto", "native", "function", "triton", "volta", "npu", "offload", "torch")
+TORCH_ATTENTION_KERNELS = ("triton", "volta", "npu", "offload", "torch")  # the torch backend's choices
 BACKENDS = ("onnxruntime", "torch")
 DEVICES = ("auto", "cuda", "cpu")
 COMPUTE_DTYPES = ("auto", "fp32", "fp16")
@@ -30,9 +31,10 @@ class RuntimeConfig:
     """How one node runs an artifact."""
 
     num_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
-    attention_kernel: str = (
-        "auto"  # native: our compiled kernel; function: the ONNX body; auto: native if built
-    )
+    # onnxruntime: native (our compiled kernel), function (the ONNX body), auto (native if built). torch:
+    # triton (FA2 + split-KV decode), volta (their sm70 tiles, fp16), npu (two-level tiling, tiling-mask),
+    # offload (KV over kv_gpu_bytes in pinned host memory), torch (the spec); auto = triton on CUDA fp16
+    attention_kernel: str = "auto"
     block_size: int = 16  # tokens per KV block
     max_seq_len: int = 0  # longest sequence (prompt + output) accepted; 0 = the model's context
     max_batch_size: int = 8  # sequences decoded together in one step
@@ -43,6 +45,9 @@ class RuntimeConfig:
     device: str = "auto"  # torch backend: cuda, cpu, or auto (cuda when available)
     compute_dtype: str = "auto"  # torch backend: fp32, fp16, or auto (the artifact's dtype)
     cuda_graphs: bool = True  # torch backend on cuda: replay decode steps from captured CUDA graphs
+    kv_gpu_bytes: int = 0  # attention_kernel offload: device bytes for KV (pool + staging); 0 = 1/8 of pool
+    tensor_parallel: int = 1  # torch backend: ranks the model is split over (torchrun: tensor_parallel.py)
+    allreduce_chunks: int = 4  # tensor_parallel: row chunks per all-reduce (tiling-AllReduce); 1 = plain
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -54,10 +59,17 @@ class RuntimeConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("block_size", "max_batch_size", "max_step_tokens"):
+        torch_only = self.attention_kernel in TORCH_ATTENTION_KERNELS or self.tensor_parallel > 1
+        if self.backend != "torch" and torch_only:
+            raise ConfigError(
+                f"attention_kernel: {self.attention_kernel} / tensor_parallel: {self.tensor_parallel} need "
+                "backend: torch"
+            )
+        positive = ("block_size", "max_batch_size", "max_step_tokens", "tensor_parallel", "allreduce_chunks")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("num_threads", "max_seq_len", "kv_cache_bytes", "max_queue"):
+        for name in ("num_threads", "max_seq_len", "kv_cache_bytes", "max_queue", "kv_gpu_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 

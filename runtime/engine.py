@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.artifact import Artifact, load_artifact
-from runtime.backends.onnxruntime import NUMPY_DTYPES, OrtBackend, StepBatch
+from runtime.backends.onnxruntime import OrtBackend, StepBatch
 from runtime.config import RuntimeConfig
 from runtime.errors import ContextOverflowError, InvalidRequestError
 from runtime.kv_cache import SCRATCH_BLOCK, KVBlockAllocator, layout_for_budget
@@ -110,15 +110,16 @@ class Engine:
 
     def _check_imported(self, imported: ImportedKV, prompt_len: int) -> None:
         model = self.artifact.model
-        shape = (prompt_len, model.num_kv_heads * model.head_dim)
-        dtype = NUMPY_DTYPES[self.artifact.kv_format]
+        expected = [((prompt_len, t.width), t.dtype) for t in self.artifact.pool_tensors()]
         if len(imported.layers) != model.num_layers:
             raise InvalidRequestError(f"kv: {len(imported.layers)} layers, the model has {model.num_layers}")
-        for i, (k, v) in enumerate(imported.layers):
-            if k.shape != shape or v.shape != shape or k.dtype != dtype or v.dtype != dtype:
+        for i, arrays in enumerate(imported.layers):
+            if [(a.shape, a.dtype) for a in arrays] != expected:
+                got = [f"{a.shape} {a.dtype}" for a in arrays]
+                want = [f"{shape} {dtype}" for shape, dtype in expected]
                 raise InvalidRequestError(
-                    f"kv: layer {i} holds {k.shape} {k.dtype} / {v.shape} {v.dtype}, expected {shape} "
-                    f"{np.dtype(dtype)} for a {prompt_len}-token prompt"
+                    f"kv: layer {i} holds {got}, expected {want} ({self.artifact.kv_format}) for a "
+                    f"{prompt_len}-token prompt"
                 )
         if not 0 <= imported.first_token_id < model.vocab_size:
             raise InvalidRequestError(
@@ -150,20 +151,17 @@ class Engine:
         self.scheduler.finish(seq)
         return event
 
-    def export_kv(self, request_id: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The prompt's K and V per layer, [prompt_len, num_kv_heads * head_dim], of a kept sequence."""
+    def export_kv(self, request_id: str) -> list[tuple[np.ndarray, ...]]:
+        """A kept sequence's prompt KV: per layer, the rows [prompt_len, width] of each pool tensor
+        (K and V; codes then scales for a quantized format), in the artifact's KV format."""
         seq = self._parked.get(request_id)
         if seq is None:
             raise InvalidRequestError(
                 f"kv: no kept KV cache for request {request_id!r} (released or expired)"
             )
         rows = self._prompt_slots(seq)
-        pools = self.backend.cache_arrays()
-        width = pools[0].shape[-1]
-        return [
-            (pools[2 * i].reshape(-1, width)[rows], pools[2 * i + 1].reshape(-1, width)[rows])
-            for i in range(len(pools) // 2)
-        ]
+        pools = self._layer_pools()
+        return [tuple(t.reshape(-1, t.shape[-1])[rows] for t in layer) for layer in pools]
 
     def release_kv(self, request_id: str) -> bool:
         """Free a kept KV cache; False if there is none."""
@@ -172,6 +170,12 @@ class Engine:
             return False
         self.scheduler.finish(seq)
         return True
+
+    def _layer_pools(self) -> list[list[np.ndarray]]:
+        """The backend's pool arrays grouped per layer (artifact.pool_tensors() each)."""
+        pools = self.backend.cache_arrays()
+        n = len(self.artifact.pool_tensors())
+        return [pools[i : i + n] for i in range(0, len(pools), n)]
 
     def _prompt_slots(self, seq: Sequence) -> np.ndarray:
         """Flat pool rows (block * block_size + offset) of the sequence's prompt tokens."""
@@ -182,11 +186,9 @@ class Engine:
     def _import(self, seq: Sequence) -> TokenEvent:
         """Write an admitted sequence's imported KV into its blocks; emit the token sampled upstream."""
         rows = self._prompt_slots(seq)
-        pools = self.backend.cache_arrays()
-        width = pools[0].shape[-1]
-        for i, (k, v) in enumerate(seq.imported.layers):
-            pools[2 * i].reshape(-1, width)[rows] = k
-            pools[2 * i + 1].reshape(-1, width)[rows] = v
+        for pool, arrays in zip(self._layer_pools(), seq.imported.layers):
+            for tensor, array in zip(pool, arrays):
+                tensor.reshape(-1, tensor.shape[-1])[rows] = array
         first = seq.imported.first_token_id
         seq.imported = None
         return seq.append(first)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from kernels.kv_formats import KV_QUANT_FORMATS, code_width, group_size
 from runtime.errors import ResourceExhaustedError
 
 SCRATCH_BLOCK = 0
@@ -103,3 +106,41 @@ class KVBlockAllocator:
     @property
     def bytes_free(self) -> int:
         return self.free_blocks * self.layout.bytes_per_block
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats: which tensors make up one layer's pool, and what a token costs
+
+
+@dataclass(frozen=True)
+class PoolTensor:
+    """One tensor of a layer's pool: [num_blocks, block_size, width] of `dtype`, graph name `{name}.{layer}`."""
+
+    name: str
+    width: int
+    dtype: np.dtype
+
+
+FLOAT_FORMATS = {"fp32": np.float32, "fp16": np.float16}
+
+
+def pool_tensors(kv_format: str, width: int, head_dim: int) -> list[PoolTensor]:
+    """K and V (codes, for a quantized format, then their fp16 scales): see kernels/kv_quant.py."""
+    if kv_format in FLOAT_FORMATS:
+        dtype = np.dtype(FLOAT_FORMATS[kv_format])
+        return [PoolTensor("k_cache", width, dtype), PoolTensor("v_cache", width, dtype)]
+    if kv_format not in KV_QUANT_FORMATS:
+        raise ValueError(f"unknown KV format {kv_format!r}")
+    codes = np.dtype(np.int8 if kv_format == "int8" else np.uint8)
+    scales = width // group_size(kv_format, head_dim)
+    return [
+        PoolTensor("k_cache", code_width(kv_format, width), codes),
+        PoolTensor("v_cache", code_width(kv_format, width), codes),
+        PoolTensor("k_scale", scales, np.dtype(np.float16)),
+        PoolTensor("v_scale", scales, np.dtype(np.float16)),
+    ]
+
+
+def bytes_per_token(kv_format: str, num_layers: int, width: int, head_dim: int) -> int:
+    """KV bytes one token takes over all layers (codes and scales included)."""
+    return num_layers * sum(t.width * t.dtype.itemsize for t in pool_tensors(kv_format, width, head_dim))

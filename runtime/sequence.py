@@ -28,11 +28,12 @@ class FinishReason(str, enum.Enum):
 class ImportedKV:
     """A prompt's KV cache computed elsewhere (a prefill node) and the token it sampled next.
 
-    layers[i] = (k, v), each [num_tokens, num_kv_heads * head_dim] in the artifact's KV format.
+    layers[i] = one [num_tokens, width] array per pool tensor of the artifact's KV format
+    (runtime.kv_cache.pool_tensors: K, V, then their scales for a quantized format).
     """
 
     first_token_id: int
-    layers: list[tuple[np.ndarray, np.ndarray]]
+    layers: list[tuple[np.ndarray, ...]]
 
     @property
     def num_tokens(self) -> int:

@@ -3,9 +3,14 @@
     edge generate [--artifact DIR] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
                   [--seed S] [--ignore-eos] [--stop STR ...] [--chat] [--json] PROMPT
 
+    edge client media merge FRAME... --out merged.png
+    edge client media long-exposure FRAME... --out long.jpg [--trail-px 120] [--subject X,Y]
+    edge client media animate IMAGE --click X,Y --prompt "flow right" --out loop.mp4
+
 `generate` runs the runtime in this process and streams the text; with `--json` it prints one JSON
-object per token ({"index", "token_id", "text"}) and a final summary object. Errors print one line
-saying what to change and exit with status 2.
+object per token ({"index", "token_id", "text"}) and a final summary object. `client media` sends
+image files to the media service and writes what it returns. Errors print one line saying what to
+change and exit with status 2.
 """
 
 from __future__ import annotations
@@ -123,8 +128,8 @@ def _add_up_down(sub) -> None:
 
 
 def _add_client(sub) -> None:
-    p = sub.add_parser("client", help="call a running gateway")
-    p.add_argument("--address", default="127.0.0.1:50060", help="gateway host:port")
+    p = sub.add_parser("client", help="call a running gateway (or, with `media`, the media service)")
+    p.add_argument("--address", help="host:port (default: gateway 127.0.0.1:50060, media 127.0.0.1:50064)")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
     calls = p.add_subparsers(dest="call", required=True)
     g = calls.add_parser("generate", help="continue a prompt")
@@ -136,6 +141,104 @@ def _add_client(sub) -> None:
         _add_sampling(q)
         q.add_argument("--json", action="store_true", help="one JSON object per chunk, then a summary")
     calls.add_parser("models", help="list the models the gateway serves")
+    _add_media(calls)
+
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".heic": "heic", ".heif": "heic"}
+CLIP_SUFFIXES = {".mp4": "mp4", ".gif": "gif", ".apng": "apng", ".png": "apng", ".mkv": "ffv1"}
+
+
+def _add_media(calls) -> None:
+    m = calls.add_parser("media", help="burst merge, long exposure and region animation on files")
+    jobs = m.add_subparsers(dest="media_call", required=True)
+    merge = jobs.add_parser("merge", help="merge a burst into one denoised image")
+    exposure = jobs.add_parser("long-exposure", help="a long-exposure photo from a burst")
+    for q in (merge, exposure):
+        q.add_argument("frames", nargs="+", type=Path, help="image files of the burst, in order")
+        q.add_argument("--reference", type=int, help="index of the reference frame")
+        q.add_argument("--format", choices=["png", "png16", "jpeg", "heic"], help="default: from --out")
+        q.add_argument("--quality", type=int, default=0, help="JPEG/HEIC quality (default 92)")
+    exposure.add_argument("--trail-px", type=float, default=0.0, help="trail length; 0 = every frame")
+    exposure.add_argument("--subject", help="X,Y: panning mode, keep what moves with this point sharp")
+    exposure.add_argument("--subject-mask", type=Path, help="panning mode: image file, nonzero = subject")
+    a = jobs.add_parser("animate", help="a looping clip where only the clicked region moves")
+    a.add_argument("image", type=Path)
+    a.add_argument("--click", action="append", required=True, help="X,Y on the region (repeatable)")
+    a.add_argument("--prompt", required=True, help="e.g. 'flow right', 'rise slowly', 'sway'")
+    a.add_argument("--speed", type=float, default=0.0, help="px per frame (default: from the prompt)")
+    a.add_argument("--frames", type=int, default=0, help="frames in the loop (default 24)")
+    a.add_argument("--fps", type=float, default=0.0, help="default 12")
+    a.add_argument("--format", choices=["mp4", "gif", "apng", "ffv1"], help="default: from --out")
+    a.add_argument("--mask-out", type=Path, help="also write the region's mask (PNG) here")
+    for q in (merge, exposure, a):
+        q.add_argument("--out", type=Path, required=True, help="where to write the result")
+        q.add_argument("--json", action="store_true", help="print the result's header as JSON")
+
+
+def _point(text: str, flag: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise EdgeError(f"{flag}: {text!r} must be X,Y in pixels, e.g. 120,80") from None
+    return x, y
+
+
+def _output_format(args, suffixes: dict[str, str]) -> str:
+    fmt = args.format or suffixes.get(args.out.suffix.lower())
+    if fmt is None:
+        raise EdgeError(f"--out: cannot tell the format from {args.out.name!r}; pass --format")
+    return fmt
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise EdgeError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def run_media(args) -> int:
+    import grpc
+
+    from services.media.client import MediaClient
+
+    with MediaClient(args.address or "127.0.0.1:50064", timeout=args.timeout) as media:
+        try:
+            if args.media_call == "animate":
+                reply = media.animate_region(
+                    _read(args.image),
+                    [_point(c, "--click") for c in args.click],
+                    args.prompt,
+                    speed=args.speed,
+                    num_frames=args.frames,
+                    fps=args.fps,
+                    format=_output_format(args, CLIP_SUFFIXES),
+                )
+            else:
+                frames = [_read(p) for p in args.frames]
+                settings = dict(reference=args.reference, format=_output_format(args, IMAGE_SUFFIXES))
+                settings["quality"] = args.quality
+                if args.media_call == "merge":
+                    reply = media.merge_burst(frames, **settings)
+                else:
+                    reply = media.long_exposure(
+                        frames,
+                        trail_px=args.trail_px,
+                        subject_point=_point(args.subject, "--subject") if args.subject else None,
+                        subject_mask=_read(args.subject_mask) if args.subject_mask else b"",
+                        **settings,
+                    )
+        except grpc.RpcError as e:
+            print(f"edge client media: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+    name = "clip" if args.media_call == "animate" else "image"
+    args.out.write_bytes(reply.files[name])
+    if getattr(args, "mask_out", None) and "mask" in reply.files:
+        args.mask_out.write_bytes(reply.files["mask"])
+    summary = {"out": str(args.out), "width": reply.width, "height": reply.height}
+    summary.update(num_frames=reply.num_frames, stats=reply.stats)
+    print(json.dumps(summary) if args.json else f"wrote {args.out} ({reply.width}x{reply.height})")
+    return 0
 
 
 def run_up(args) -> int:
@@ -176,7 +279,9 @@ def run_client(args) -> int:
 
     from services.client import Completion, EdgeClient
 
-    with EdgeClient(args.address, timeout=args.timeout) as client:
+    if args.call == "media":
+        return run_media(args)
+    with EdgeClient(args.address or "127.0.0.1:50060", timeout=args.timeout) as client:
         if args.call == "models":
             for model in client.list_models():
                 print(

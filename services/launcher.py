@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import NodeConfig, load_node_config
 
-SERVICES = ("tokenizer", "prefill", "decode", "gateway")
+SERVICES = ("tokenizer", "prefill", "decode", "gateway", "media")
 RUN_DIR = Path(".run")
 
 

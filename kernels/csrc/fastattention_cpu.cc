@@ -112,12 +112,65 @@ inline void widen(const half* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = to_f32(src[i]);
 }
 
+// Pool formats, named by the pool's element type C: float (fp32), half (fp16), int8_t (int8 codes) and uint8_t
+// (int4 codes, two per byte). The quantized ones are specified in kernels/kv_quant.py: one fp16 scale per token
+// per group of channels (a head for int8, 32 channels for int4), value = code * scale.
+template <typename C>
+constexpr bool kQuantized = std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>;
+template <typename C>
+constexpr int kQmax = std::is_same_v<C, int8_t> ? 127 : 7;
+constexpr int64_t kInt4Group = 32;  // kernels/kv_formats.py, INT4_GROUP
+
 template <typename T>
 constexpr ONNXTensorElementDataType onnx_type() {
-  return std::is_same_v<T, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if constexpr (std::is_same_v<T, float>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  else if constexpr (std::is_same_v<T, half>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  else if constexpr (std::is_same_v<T, int8_t>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  else return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 }
-template <typename T>
-constexpr const char* kv_format_name() { return std::is_same_v<T, float> ? "fp32" : "fp16"; }
+template <typename C>
+constexpr const char* kv_format_name() {
+  if constexpr (std::is_same_v<C, float>) return "fp32";
+  else if constexpr (std::is_same_v<C, half>) return "fp16";
+  else if constexpr (std::is_same_v<C, int8_t>) return "int8";
+  else return "int4";
+}
+// Pool elements per token row of W channels, and the column of channel c.
+template <typename C>
+constexpr int64_t code_width(int64_t W) { return std::is_same_v<C, uint8_t> ? W / 2 : W; }
+template <typename C>
+constexpr int64_t code_column(int64_t c) { return std::is_same_v<C, uint8_t> ? c / 2 : c; }
+// Channels per scale.
+template <typename C>
+constexpr int64_t group_size(int64_t head_dim) { return std::is_same_v<C, uint8_t> ? kInt4Group : head_dim; }
+
+// Quantizes one token row x[0 : W] (kernels/kv_quant.py, quantize_kv_ref): per group of `group` channels,
+// scale = fp16(max|x| / qmax), 1 where that is 0; code = round-half-even(x * fp32(1 / scale)) clamped to
+// [-qmax, qmax]. int4 codes go two per byte, the even channel in the low nibble.
+template <typename C>
+void quantize_row(const float* x, int64_t W, int64_t group, C* codes, half* scales) {
+  constexpr float qmax = kQmax<C>;
+  for (int64_t g0 = 0; g0 < W; g0 += group) {
+    float amax = 0.0f;
+    for (int64_t c = g0; c < g0 + group; ++c) amax = std::max(amax, std::fabs(x[c]));
+    half scale = from_f32<half>(amax / qmax);
+    if (to_f32(scale) == 0.0f) scale = from_f32<half>(1.0f);
+    scales[g0 / group] = scale;
+    const float inverse = 1.0f / to_f32(scale);
+    for (int64_t c = g0; c < g0 + group; ++c) {
+      float r = std::nearbyint(x[c] * inverse);  // the default rounding mode: to nearest, ties to even
+      r = r > qmax ? qmax : (r < -qmax ? -qmax : (r == r ? r : 0.0f));
+      const int code = static_cast<int>(r);
+      if constexpr (std::is_same_v<C, int8_t>) {
+        codes[c] = static_cast<int8_t>(code);
+      } else if (c % 2 == 0) {
+        codes[c / 2] = static_cast<uint8_t>(code & 0x0F);
+      } else {
+        codes[c / 2] = static_cast<uint8_t>(codes[c / 2] | ((code & 0x0F) << 4));
+      }
+    }
+  }
+}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -192,6 +245,55 @@ inline vfloat vload(const half* p) {
   return v;
 }
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+// Quantized codes. kVec int8 codes widened to fp32 (vpmovsxbd + vcvtdq2ps on x86-64, sxtl + scvtf on aarch64).
+typedef int8_t vbytes __attribute__((vector_size(kVec)));
+typedef int32_t vint __attribute__((vector_size(kVec * sizeof(int32_t))));
+inline vfloat vload(const int8_t* p) {
+  vbytes c;
+  std::memcpy(&c, p, sizeof c);
+  return __builtin_convertvector(c, vfloat);
+}
+// kVec bytes of int4 codes: their low nibbles (even channels) and high nibbles (odd channels), sign-extended.
+inline void vload_nibbles(const uint8_t* p, vfloat& lo, vfloat& hi) {
+  vbytes c;
+  std::memcpy(&c, p, sizeof c);
+  const vint x = __builtin_convertvector(c, vint);  // the byte, sign-extended: its high nibble is x >> 4
+  lo = __builtin_convertvector((x << 28) >> 28, vfloat);
+  hi = __builtin_convertvector(x >> 4, vfloat);
+}
+// Stores lo[0], hi[0], lo[1], hi[1], ... (2 * kVec values, channel order) times `scale`.
+template <size_t... I>
+inline void store_interleaved(float* p, vfloat lo, vfloat hi, float scale, std::index_sequence<I...>) {
+  typedef float pair __attribute__((vector_size(2 * sizeof(vfloat))));
+  const pair v = __builtin_shufflevector(lo, hi, (I / 2 + (I % 2) * kVec)...);
+  const pair scaled = v * scale;
+  std::memcpy(p, &scaled, sizeof scaled);
+}
+
+// dst[0 : n] = codes[0 : n] * scale (int8).
+inline void dequantize(const int8_t* codes, float scale, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) vstore(dst + i, vload(codes + i) * scale);
+  for (; i < n; ++i) dst[i] = codes[i] * scale;
+}
+// dst[0 : n] = channels [c0, c0 + n) of an int4 row (codes and one scale per 32 channels), dequantized.
+inline void dequantize(const uint8_t* codes, const half* scales, int64_t c0, float* dst, int64_t n) {
+  int64_t i = 0;
+  static_assert(kInt4Group % (2 * kVec) == 0, "a vector of bytes stays inside one group");
+  if (c0 % (2 * kVec) == 0)  // then no vector of bytes straddles two groups
+    for (; i + 2 * kVec <= n; i += 2 * kVec) {
+      vfloat lo, hi;
+      vload_nibbles(codes + (c0 + i) / 2, lo, hi);
+      store_interleaved(dst + i, lo, hi, to_f32(scales[(c0 + i) / kInt4Group]),
+                        std::make_index_sequence<2 * kVec>{});
+    }
+  for (; i < n; ++i) {
+    const int64_t c = c0 + i;
+    const int nibble = (codes[c / 2] >> (4 * (c % 2))) & 0x0F;
+    dst[i] = static_cast<float>((nibble ^ 8) - 8) * to_f32(scales[c / kInt4Group]);
+  }
+}
 
 // Horizontal reductions of one vector in log2(kVec) halving steps.
 template <int N>
@@ -441,24 +543,22 @@ typename V::value_type* grow(V& v, size_t n) {
   return v.data();
 }
 
-inline const float* as_f32(const float* row, float*, int64_t) { return row; }
-inline const float* as_f32(const half* row, float* buf, int64_t D) {
-  widen(row, buf, D);
-  return buf;
-}
-
 int64_t hardware_threads() {
   static const int64_t count = std::max(1u, std::thread::hardware_concurrency());
   return count;
 }
 
+// W: channels per token (Hkv * D). CW: pool elements per token row (W, or W / 2 for int4). group: channels per
+// scale and NS: scales per token (quantized pools only).
 struct Sizes {
-  int64_t B, S, Hq, Hkv, G, D, W, NB, BS, MB;
+  int64_t B, S, Hq, Hkv, G, D, W, CW, NB, BS, MB, group = 1, NS = 0;
 };
 
-// One call of the op. T: q/k/v/o dtype. C: pool dtype.
+// One call of the op. T: q/k/v/o dtype. C: pool element type (see "numerics").
 template <typename T, typename C>
 struct Job {
+  // What the micro-kernels read: the pool's own rows (fp32, fp16), or rows dequantized to fp32 (int8, int4).
+  using R = std::conditional_t<kQuantized<C>, float, C>;
   Sizes n;
   float scale;
   bool causal;
@@ -472,6 +572,9 @@ struct Job {
   const int32_t* total;
   C* k_pool;  // the output pools: updated first, then read by the attention
   C* v_pool;
+  half* k_scales = nullptr;  // quantized pools: their scale pools [NB, BS, NS] (output), and K's channel means [W]
+  half* v_scales = nullptr;
+  const float* k_mean = nullptr;
   T* o;
   CallScratch* call;  // decode items and partial softmaxes
   // work decomposition
@@ -492,13 +595,20 @@ struct Job {
   }
   int64_t partial_stride() const { return decode ? n.Hq * (n.D + 2) : partial_rows * (n.D + 2); }
 
-  // ---- step 1: write the new K/V rows into their slots (slots were validated).
+  // ---- step 1: write the new K/V rows into their slots (slots were validated). Quantized: K minus its
+  // channel means, and V, quantized per token (quantize_row).
   void write_new_kv() const {
     const int64_t tokens = n.B * n.S, W = n.W;
     for (int64_t t = 0; t < tokens; ++t) {
-      C* kd = k_pool + slot_mapping[t] * W;
-      C* vd = v_pool + slot_mapping[t] * W;
-      if constexpr (std::is_same_v<T, C>) {
+      C* kd = k_pool + slot_mapping[t] * n.CW;
+      C* vd = v_pool + slot_mapping[t] * n.CW;
+      if constexpr (kQuantized<C>) {
+        float* x = grow(thread_scratch().kbuf, W);
+        for (int64_t i = 0; i < W; ++i) x[i] = to_f32(k[t * W + i]) - k_mean[i];
+        quantize_row(x, W, n.group, kd, k_scales + slot_mapping[t] * n.NS);
+        for (int64_t i = 0; i < W; ++i) x[i] = to_f32(v[t * W + i]);
+        quantize_row(x, W, n.group, vd, v_scales + slot_mapping[t] * n.NS);
+      } else if constexpr (std::is_same_v<T, C>) {
         std::memcpy(kd, k + t * W, W * sizeof(C));
         std::memcpy(vd, v + t * W, W * sizeof(C));
       } else {
@@ -629,12 +739,12 @@ struct Job {
     if (num_splits == 1) write_output(b, h, s0, npos, O, l);
   }
 
-  // Pool offsets (in elements) of the token rows of keys [n0, n0 + nk) of row b.
-  void row_offsets(int64_t b, int64_t n0, int64_t nk, int64_t* out) const {
+  // Pool slots of keys [n0, n0 + nk) of row b.
+  void key_slots(int64_t b, int64_t n0, int64_t nk, int64_t* out) const {
     const int32_t* table = block_table + b * n.MB;
     int64_t block = n0 / n.BS, offset = n0 % n.BS;
     for (int64_t i = 0; i < nk; ++i) {
-      out[i] = (int64_t{table[block]} * n.BS + offset) * n.W;
+      out[i] = int64_t{table[block]} * n.BS + offset;
       if (++offset == n.BS) offset = 0, ++block;
     }
   }
@@ -644,46 +754,83 @@ struct Job {
   // the micro-kernel calls of the current chunk (`step`, a row or two each): a burst of hundreds of lines
   // stalls the core until the memory system has taken them all, so the math would not overlap the loads.
   // (Measured on the 2-vCPU EPYC: 1.2x faster cold decode than one burst per chunk.)
+  // Quantized pools: the rows' scales too (a few bytes per token, on the line of their block's neighbours).
   struct Prefetcher {
     const char* k_base;  // the pools' bytes, from column c0
     const char* v_base;
-    int64_t row_bytes = 0, steps = 1;  // steps: the calls of `step` that share the requests of a chunk
+    const char* k_scale_base = nullptr;  // quantized: the scale pools' bytes
+    const char* v_scale_base = nullptr;
+    int64_t row_stride = 0, row_bytes = 0, scale_stride = 0;  // bytes
+    int64_t steps = 1;  // the calls of `step` that share the requests of a chunk
     int64_t count = 0, next = 0, step_count = 0;
-    int64_t rows[kDecodeChunk];  // element offsets of the chunk's token rows; rows[next] is asked for next
+    int64_t slots[kDecodeChunk];  // the chunk's token slots; slots[next] is asked for next
 
     void start(const Job& job, int64_t b, int64_t n0, int64_t nk) {
       count = nk;
       next = step_count = 0;
-      job.row_offsets(b, n0, nk, rows);
+      job.key_slots(b, n0, nk, slots);
     }
     // One step of work done: ask for the rows due by now.
     void step() { issue(ceil_div(++step_count * count, steps)); }
     void issue(int64_t until) {
       for (const int64_t end = std::min(count, until); next < end; ++next) {
-        const char* kr = k_base + rows[next] * int64_t{sizeof(C)};
-        const char* vr = v_base + rows[next] * int64_t{sizeof(C)};
+        const char* kr = k_base + slots[next] * row_stride;
+        const char* vr = v_base + slots[next] * row_stride;
         for (int64_t byte = 0; byte < row_bytes; byte += 64) {
           __builtin_prefetch(kr + byte);
           __builtin_prefetch(vr + byte);
         }
         __builtin_prefetch(kr + row_bytes - 1);  // the row's last line when it does not start on a line
         __builtin_prefetch(vr + row_bytes - 1);
+        if constexpr (kQuantized<C>) {
+          __builtin_prefetch(k_scale_base + slots[next] * scale_stride);
+          __builtin_prefetch(v_scale_base + slots[next] * scale_stride);
+        }
       }
     }
   };
 
+  // A prefetcher of channels [c0, c1).
   Prefetcher prefetcher(int64_t c0, int64_t c1) const {
     Prefetcher pf;
-    pf.k_base = reinterpret_cast<const char*>(k_pool + c0);
-    pf.v_base = reinterpret_cast<const char*>(v_pool + c0);
-    pf.row_bytes = (c1 - c0) * int64_t{sizeof(C)};
+    const int64_t col0 = code_column<C>(c0), col1 = code_column<C>(c1 + 1);  // int4: the bytes around them
+    pf.k_base = reinterpret_cast<const char*>(k_pool + col0);
+    pf.v_base = reinterpret_cast<const char*>(v_pool + col0);
+    pf.row_stride = n.CW * int64_t{sizeof(C)};
+    pf.row_bytes = (std::min(col1, n.CW) - col0) * int64_t{sizeof(C)};
+    if constexpr (kQuantized<C>) {
+      pf.k_scale_base = reinterpret_cast<const char*>(k_scales + c0 / n.group);
+      pf.v_scale_base = reinterpret_cast<const char*>(v_scales + c0 / n.group);
+      pf.scale_stride = n.NS * int64_t{sizeof(half)};
+    }
     return pf;
   }
 
-  // Pointers to one head (columns [col, col + D)) of nk pool rows. Entries nk..kDecodeChunk repeat the last
+  // Head h (channels [h * D, h * D + D)) of the token row in `slot` of a pool, as fp32: the pool row itself
+  // (fp32), or widened or dequantized into buf[0 : D].
+  const float* head_row_f32(const C* pool, const half* scales, int64_t slot, int64_t h, float* buf) const {
+    const int64_t c0 = h * n.D;
+    if constexpr (std::is_same_v<C, float>) {
+      return pool + slot * n.CW + c0;
+    } else if constexpr (std::is_same_v<C, half>) {
+      widen(pool + slot * n.CW + c0, buf, n.D);
+    } else if constexpr (std::is_same_v<C, int8_t>) {  // one scale per head
+      dequantize(pool + slot * n.CW + c0, to_f32(scales[slot * n.NS + h]), buf, n.D);
+    } else {
+      dequantize(pool + slot * n.CW, scales + slot * n.NS, c0, buf, n.D);
+    }
+    return buf;
+  }
+
+  // Pointers to head h of the token rows of nk slots, as the micro-kernels read them: the pool rows (fp32,
+  // fp16), or their dequantized copies in buf [nk, D] (int8, int4). Entries nk..kDecodeChunk repeat the last
   // row: the micro-kernels compute whole groups of kVec keys, and the scores of these are never used.
-  void head_rows(const C* pool, const int64_t* rows, int64_t nk, int64_t col, const C** out) const {
-    for (int64_t i = 0; i < nk; ++i) out[i] = pool + rows[i] + col;
+  void head_rows(const C* pool, const half* scales, const int64_t* slots, int64_t nk, int64_t h, float* buf,
+                 const R** out) const {
+    for (int64_t i = 0; i < nk; ++i) {
+      if constexpr (kQuantized<C>) out[i] = head_row_f32(pool, scales, slots[i], h, buf + i * n.D);
+      else out[i] = pool + slots[i] * n.CW + h * n.D;
+    }
     for (int64_t i = nk; i < kDecodeChunk; ++i) out[i] = out[nk - 1];
   }
 
@@ -698,8 +845,9 @@ struct Job {
     const T* qsrc = q + (b * n.S + s) * n.Hq * D + h0 * G * D;
     for (int64_t i = 0; i < heads * D; ++i) qs[i] = to_f32(qsrc[i]) * scale;
     float* p = grow(sc.st, heads * kDecodeChunk);  // scores, then probabilities: [heads, kDecodeChunk]
-    int64_t rows[kDecodeChunk];
-    const C* hrows[kDecodeChunk];
+    float* buf = kQuantized<C> ? grow(sc.kbuf, kDecodeChunk * D) : nullptr;  // dequantized rows of one head
+    int64_t slots[kDecodeChunk];
+    const R* hrows[kDecodeChunk];
 
     Prefetcher pf = prefetcher(c0, c1);
     pf.steps = heads * (kDecodeChunk / kVec + 1) + (h1 - h0);  // micro-kernel calls per chunk
@@ -710,9 +858,9 @@ struct Job {
     for (int64_t n0 = ka; n0 < kb; n0 += kDecodeChunk) {
       const int64_t nk = std::min(kDecodeChunk, kb - n0), ahead = n0 + kPrefetchKeys;
       pf.start(*this, b, ahead, std::clamp<int64_t>(kb - ahead, 0, kDecodeChunk));
-      row_offsets(b, n0, nk, rows);
+      key_slots(b, n0, nk, slots);
       for (int64_t h = h0; h < h1; ++h) {  // scores
-        head_rows(k_pool, rows, nk, h * D, hrows);
+        head_rows(k_pool, k_scales, slots, nk, h, buf, hrows);
         for (int64_t r = (h - h0) * G; r < (h - h0 + 1) * G; ++r)
           for (int64_t i = 0; i < nk; i += kVec) {
             dots(qs + r * D, D, hrows + i, p + r * kDecodeChunk + i);
@@ -732,7 +880,7 @@ struct Job {
         pf.step();
       }
       for (int64_t h = h0; h < h1; ++h) {  // O += P V
-        head_rows(v_pool, rows, nk, h * D, hrows);
+        head_rows(v_pool, v_scales, slots, nk, h, buf, hrows);
         const int64_t r = (h - h0) * G;
         group_times_rows(pv_heads, G, p + r * kDecodeChunk, kDecodeChunk, hrows, D, nk, O + r * D);
         pf.step();
@@ -741,18 +889,16 @@ struct Job {
     }
   }
 
-  // Row pointers (head h) of keys [n0, n0 + nk) of row b, converted to fp32 if the pool is fp16.
+  // Row pointers (head h) of keys [n0, n0 + nk) of row b, as fp32 (see head_row_f32).
   void gather(int64_t b, int64_t h, int64_t n0, int64_t nk, Scratch& sc, const float** krows,
               const float** vrows) const {
-    const int32_t* table = block_table + b * n.MB;
     float* kbuf = grow(sc.kbuf, nk * n.D);
     float* vbuf = grow(sc.vbuf, nk * n.D);
-    int64_t block = n0 / n.BS, offset = n0 % n.BS;
+    int64_t slots[kKeyTile];
+    key_slots(b, n0, nk, slots);
     for (int64_t i = 0; i < nk; ++i) {
-      const int64_t row = (int64_t{table[block]} * n.BS + offset) * n.W + h * n.D;
-      krows[i] = as_f32(k_pool + row, kbuf + i * n.D, n.D);
-      vrows[i] = as_f32(v_pool + row, vbuf + i * n.D, n.D);
-      if (++offset == n.BS) offset = 0, ++block;
+      krows[i] = head_row_f32(k_pool, k_scales, slots[i], h, kbuf + i * n.D);
+      vrows[i] = head_row_f32(v_pool, v_scales, slots[i], h, vbuf + i * n.D);
     }
   }
 
@@ -937,24 +1083,59 @@ std::string check_attributes(const Attributes& a) {
   return {};
 }
 
-// Shapes of the nine inputs, in input order.
+// Inputs and outputs of the node: 9 and 3, or 12 and 5 with a quantized pool (the scales and K's means).
+constexpr size_t kInputs = 9, kQuantInputs = 12, kOutputs = 3, kQuantOutputs = 5;
+template <typename C>
+constexpr size_t num_inputs() { return kQuantized<C> ? kQuantInputs : kInputs; }
+template <typename C>
+constexpr size_t num_outputs() { return kQuantized<C> ? kQuantOutputs : kOutputs; }
+
+// Shapes of the inputs, in input order.
 using Shapes = std::vector<std::vector<int64_t>>;
 
+// A quantized pool's codes, scales and K channel means (inputs 3, 4, 9, 10, 11) against W = Hkv * D.
+template <typename C>
+std::string check_quantized_shapes(const Shapes& s, Sizes& n) {
+  const char* format = kv_format_name<C>();
+  n.group = group_size<C>(n.D);
+  if (n.W % n.group != 0)
+    return message(format, " KV needs num_kv_heads * head_dim = ", n.Hkv, " * ", n.D, " = ", n.W,
+                   " to be a multiple of the group of ", n.group, " channels per scale");
+  n.NS = n.W / n.group;
+  if (n.CW != code_width<C>(n.W))
+    return message("k_cache width ", n.CW, " != the ", format, " code width of num_kv_heads * head_dim = ", n.Hkv,
+                   " * ", n.D, " channels: ", code_width<C>(n.W), " (head_dim from q)");
+  const std::vector<int64_t> scales{n.NB, n.BS, n.NS};
+  for (size_t i : {9, 10})
+    if (s[i] != scales)
+      return message(i == 9 ? "k_scale" : "v_scale", " shape ", shape_str(s[i]),
+                     " != [num_blocks, block_size, num_kv_heads * head_dim / group] = ", shape_str(scales), " (",
+                     format, ": one scale per ", n.group, " channels)");
+  if (s[11] != std::vector<int64_t>{n.W})
+    return message("k_mean shape ", shape_str(s[11]), " != [num_kv_heads * head_dim] = [", n.W, "]");
+  return {};
+}
+
+template <typename C>
 std::string check_shapes(const Attributes& a, const Shapes& s, Sizes& n) {
   static const char* names[] = {"q", "k", "v", "k_cache", "v_cache", "block_table", "slot_mapping", "past_lens",
-                                "total_lens"};
-  static const size_t ranks[] = {3, 3, 3, 3, 3, 2, 2, 1, 1};
-  for (size_t i = 0; i < 9; ++i)
+                                "total_lens", "k_scale", "v_scale", "k_mean"};
+  static const size_t ranks[] = {3, 3, 3, 3, 3, 2, 2, 1, 1, 3, 3, 1};
+  for (size_t i = 0; i < num_inputs<C>(); ++i)
     if (s[i].size() != ranks[i])
       return message(names[i], " must have rank ", ranks[i], ", got shape ", shape_str(s[i]));
   n.B = s[0][0], n.S = s[0][1], n.Hq = a.num_heads, n.Hkv = a.num_kv_heads, n.G = n.Hq / n.Hkv;
-  n.NB = s[3][0], n.BS = s[3][1], n.W = s[3][2], n.MB = s[5][1];
+  n.NB = s[3][0], n.BS = s[3][1], n.CW = s[3][2], n.MB = s[5][1];
   if (n.BS <= 0) return message("k_cache block_size must be > 0, got shape ", shape_str(s[3]));
   if (s[0][2] % n.Hq != 0 || s[0][2] == 0)
     return message("q width ", s[0][2], " is not a positive multiple of num_heads=", n.Hq);
   n.D = s[0][2] / n.Hq;
-  if (n.W != n.Hkv * n.D)
-    return message("k_cache width ", n.W, " != num_kv_heads * head_dim = ", n.Hkv, " * ", n.D, " (head_dim from q)");
+  n.W = n.Hkv * n.D;
+  if constexpr (kQuantized<C>) {
+    if (std::string err = check_quantized_shapes<C>(s, n); !err.empty()) return err;
+  } else if (n.CW != n.W) {
+    return message("k_cache width ", n.CW, " != num_kv_heads * head_dim = ", n.Hkv, " * ", n.D, " (head_dim from q)");
+  }
   if (s[4] != s[3]) return message("v_cache shape ", shape_str(s[4]), " != k_cache shape ", shape_str(s[3]));
   for (size_t i : {1, 2})
     if (s[i] != std::vector<int64_t>{n.B, n.S, n.W})
@@ -993,10 +1174,33 @@ std::string check_indices(const Sizes& n, const int32_t* table, const int64_t* s
   return {};
 }
 
+// A variant's node: 9 inputs and 3 outputs, or, over a quantized pool, 12 and 5.
+template <typename C>
+std::string check_io_counts(size_t inputs, size_t outputs) {
+  if (inputs == num_inputs<C>() && outputs == num_outputs<C>()) return {};
+  if constexpr (kQuantized<C>)
+    return message("a ", kv_format_name<C>(), " KV cache needs 12 inputs (q, k, v, k_cache, v_cache, block_table, "
+                   "slot_mapping, past_lens, total_lens, k_scale, v_scale, k_mean) and 5 outputs (o, k_cache_out, "
+                   "v_cache_out, k_scale_out, v_scale_out), got ", inputs, " and ", outputs);
+  else
+    return message("a ", kv_format_name<C>(), " KV cache takes 9 inputs and 3 outputs, got ", inputs, " and ",
+                   outputs, " (k_scale, v_scale, k_mean and the scale outputs are for int8/int4 caches)");
+}
+
 // ------------------------------------------------------------------------------------------------ ORT glue
 
 OrtStatusPtr error_status(OrtErrorCode code, const std::string& what) {
   return Ort::Status(("FlashAttention: " + what).c_str(), code).release();
+}
+
+// Output `out`, a pool updated in place: with IO binding of the pool as both input `in` and output, ORT hands
+// us the input buffer; otherwise the input pool is copied to the output first.
+template <typename P>
+P* pool_output(Ort::KernelContext& context, size_t out, size_t in, const Shapes& shapes, size_t bytes) {
+  P* pool = context.GetOutput(out, shapes[in]).GetTensorMutableData<P>();
+  const P* source = context.GetInput(in).GetTensorData<P>();
+  if (pool != source) std::memcpy(pool, source, bytes);
+  return pool;
 }
 
 template <typename T, typename C>
@@ -1015,10 +1219,10 @@ struct FlashAttentionKernel {
 
   OrtStatusPtr Compute(OrtKernelContext* raw_context) const {
     Ort::KernelContext context(raw_context);
-    Shapes shapes(9);
-    for (size_t i = 0; i < 9; ++i) shapes[i] = context.GetInput(i).GetTensorTypeAndShapeInfo().GetShape();
+    Shapes shapes(num_inputs<C>());
+    for (size_t i = 0; i < shapes.size(); ++i) shapes[i] = context.GetInput(i).GetTensorTypeAndShapeInfo().GetShape();
     Job<T, C> job;
-    if (std::string err = check_shapes(attrs, shapes, job.n); !err.empty())
+    if (std::string err = check_shapes<C>(attrs, shapes, job.n); !err.empty())
       return error_status(ORT_INVALID_ARGUMENT, err);
     job.block_table = context.GetInput(5).GetTensorData<int32_t>();
     job.slot_mapping = context.GetInput(6).GetTensorData<int64_t>();
@@ -1027,18 +1231,17 @@ struct FlashAttentionKernel {
     if (std::string err = check_indices(job.n, job.block_table, job.slot_mapping, job.past, job.total); !err.empty())
       return error_status(ORT_INVALID_ARGUMENT, err);
 
-    // Outputs. With IO binding of a pool as both input and output, ORT returns the input buffer here.
     auto o = context.GetOutput(0, shapes[0]);
-    auto k_out = context.GetOutput(1, shapes[3]);
-    auto v_out = context.GetOutput(2, shapes[4]);
-    const size_t pool_bytes = static_cast<size_t>(job.n.NB * job.n.BS * job.n.W) * sizeof(C);
+    const size_t pool_bytes = static_cast<size_t>(job.n.NB * job.n.BS * job.n.CW) * sizeof(C);
     if (pool_bytes == 0) return nullptr;  // then B * S == 0 too: a slot would have been out of range
-    job.k_pool = k_out.GetTensorMutableData<C>();
-    job.v_pool = v_out.GetTensorMutableData<C>();
-    const C* k_in = context.GetInput(3).GetTensorData<C>();
-    const C* v_in = context.GetInput(4).GetTensorData<C>();
-    if (job.k_pool != k_in) std::memcpy(job.k_pool, k_in, pool_bytes);
-    if (job.v_pool != v_in) std::memcpy(job.v_pool, v_in, pool_bytes);
+    job.k_pool = pool_output<C>(context, 1, 3, shapes, pool_bytes);
+    job.v_pool = pool_output<C>(context, 2, 4, shapes, pool_bytes);
+    if constexpr (kQuantized<C>) {
+      const size_t scale_bytes = static_cast<size_t>(job.n.NB * job.n.BS * job.n.NS) * sizeof(half);
+      job.k_scales = pool_output<half>(context, 3, 9, shapes, scale_bytes);
+      job.v_scales = pool_output<half>(context, 4, 10, shapes, scale_bytes);
+      job.k_mean = context.GetInput(11).GetTensorData<float>();
+    }
     if (job.n.B * job.n.S == 0) return nullptr;
 
     job.q = context.GetInput(0).GetTensorData<T>();
@@ -1070,6 +1273,8 @@ struct FlashAttentionOp : Ort::CustomOpBase<FlashAttentionOp<T, C>, FlashAttenti
       a.sliding_window = ki.GetAttribute<int64_t>("sliding_window");
       a.kv_format = ki.GetAttribute<std::string>("kv_format");
       if (std::string err = check_attributes<C>(a); !err.empty()) return error_status(ORT_INVALID_ARGUMENT, err);
+      if (std::string err = check_io_counts<C>(ki.GetInputCount(), ki.GetOutputCount()); !err.empty())
+        return error_status(ORT_INVALID_ARGUMENT, err);
       *kernel = new FlashAttentionKernel<T, C>{a};
       return nullptr;
     } catch (const Ort::Exception& e) {
@@ -1081,25 +1286,41 @@ struct FlashAttentionOp : Ort::CustomOpBase<FlashAttentionOp<T, C>, FlashAttenti
     }
   }
 
+  // ORT requires every op of one name to declare the same inputs and outputs (else no session of the domain
+  // loads, checked with 1.30 and 1.32): all variants declare the quantized node's 12 inputs and 5 outputs, the
+  // last 3 inputs and 2 outputs optional. ORT then picks the variant by the types of the inputs present, and
+  // CreateKernelV2 checks that a variant got the counts it needs (check_io_counts).
   const char* GetName() const { return "FlashAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 9; }
+  size_t GetInputTypeCount() const { return kQuantInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     switch (index) {
       case 0: case 1: case 2: return onnx_type<T>();
       case 3: case 4: return onnx_type<C>();
       case 6: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      case 9: case 10: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;  // k_scale, v_scale
+      case 11: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;            // k_mean
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     }
   }
-  size_t GetOutputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const { return index == 0 ? onnx_type<T>() : onnx_type<C>(); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index < kInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return kQuantOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    if (index == 0) return onnx_type<T>();
+    return index < kOutputs ? onnx_type<C>() : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index < kOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
 };
 
 }  // namespace
 
-// Called by SessionOptions.register_custom_ops_library. Registers the three type variants of one op name:
-// fp32, fp16, and fp32 activations over an fp16 KV cache.
+// Called by SessionOptions.register_custom_ops_library. Registers the type variants of one op name: fp32, fp16,
+// fp32 activations over an fp16 KV cache, and fp32 activations over an int8 (int8 codes) or int4 (uint8 codes)
+// cache.
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
@@ -1109,6 +1330,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static FlashAttentionOp<float, float> op_fp32;
   static FlashAttentionOp<half, half> op_fp16;
   static FlashAttentionOp<float, half> op_fp32_kv_fp16;
+  static FlashAttentionOp<float, int8_t> op_fp32_kv_int8;
+  static FlashAttentionOp<float, uint8_t> op_fp32_kv_int4;
   static std::mutex mutex;
   static std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
   try {
@@ -1116,6 +1339,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&op_fp32);
     domain.Add(&op_fp16);
     domain.Add(&op_fp32_kv_fp16);
+    domain.Add(&op_fp32_kv_int8);
+    domain.Add(&op_fp32_kv_int4);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));

@@ -109,16 +109,15 @@ class OrtBackend:
             layout.total_bytes / 2**20,
         )
         self.layout = layout
-        width = artifact.model.num_kv_heads * artifact.model.head_dim
-        dtype = NUMPY_DTYPES[artifact.kv_format]
         self._cache_arrays = []  # the memory: np.zeros maps pages lazily, so unused blocks cost no RSS
         self._cache_bindings = []  # (input name, output name, OrtValue)
         for layer in range(artifact.model.num_layers):
-            for kind in ("k", "v"):
-                array = np.zeros((layout.num_blocks, layout.block_size, width), dtype)
+            for tensor in artifact.pool_tensors():  # K, V (and their scales for a quantized format)
+                array = np.zeros((layout.num_blocks, layout.block_size, tensor.width), tensor.dtype)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
+                name = f"{tensor.name}.{layer}"
                 self._cache_arrays.append(array)
-                self._cache_bindings.append((f"{kind}_cache.{layer}", f"{kind}_cache.{layer}.out", value))
+                self._cache_bindings.append((name, f"{name}.out", value))
 
     def run(self, batch: StepBatch) -> np.ndarray:
         """One forward step; returns logits [B, L, V] float32 and leaves the pool updated."""
@@ -133,5 +132,5 @@ class OrtBackend:
         return binding.get_outputs()[0].numpy()
 
     def cache_arrays(self) -> list[np.ndarray]:
-        """The pool's arrays (K and V per layer, in graph order); for tests and KV transfer."""
+        """The pool's arrays in graph order: per layer, artifact.pool_tensors(); for KV transfer."""
         return self._cache_arrays

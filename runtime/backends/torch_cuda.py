@@ -13,11 +13,17 @@ as `OrtBackend`: `run(StepBatch) -> logits [B, L, V]` float32, `cache_arrays()`,
    The embedding table is what the graph's own embedding nodes compute for every token id (ONNX Runtime
    runs that subgraph once), so every embedding format loads the same way.
 2. Attention. Each layer's FlashAttention node (contract: kernels/reference.py::paged_attention_ref) is
-   run by a function over the device pool, which it updates in place:
-     - CUDA with fp16: `TritonAttention`, our kernels: split-KV decode over the paged pool for rows of
-       up to 16 new tokens, FlashAttention-2 varlen prefill over each row's gathered keys beyond that;
-     - otherwise (fp32, or the CPU): `paged_attention_torch`, the spec vectorized (slow, exact; CI runs it).
+   run by a function over the device pool, which it updates in place, chosen by `attention_kernel`:
+     - triton (auto on CUDA with fp16): `TritonAttention`, our kernels: split-KV decode over the paged pool
+       for rows of up to 16 new tokens, FlashAttention-2 varlen prefill over each row's gathered keys;
+     - volta: the same with the sm70 tiles of kernels/attention_volta.py (fp16);
+     - npu: kernels/attention_npu.py (two-level tiling, tiling-mask; plain torch ops, any device);
+     - offload: kernels/attention_offload.py: the pool's blocks beyond `kv_gpu_bytes` live in pinned host
+       memory and are streamed per step (no CUDA graphs; no KV export/import);
+     - torch (auto otherwise: fp32, or the CPU): `paged_attention_torch`, the spec vectorized (CI runs it).
    `PagedAttention` swaps the function into each layer; projections and weights stay the module's own.
+   With `tensor_parallel` > 1 the module is sharded by runtime/tensor_parallel.py and rank 0 broadcasts
+   each step to the other ranks before running it.
 3. Decode graphs. On CUDA, a step of one new token per row replays a CUDA graph captured for its batch
    size padded to a power of two, inputs copied into static buffers, block tables padded to the widest a
    sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly.
@@ -60,6 +66,7 @@ INPUT_DTYPES = dict(
     logit_positions=torch.int64,
 )
 DECODE_KERNEL_MAX_TOKENS = 16  # kernels.attention_triton_decode.MAX_QUERY_TOKENS (that module imports triton)
+OFFLOAD_TILE_TOKENS = 4096  # attention_kernel offload: tokens per staged host tile (two tiles of K and V)
 
 # -- 1. loading: artifact -> Llama ------------------------------------------------------------------
 
@@ -320,10 +327,12 @@ class TritonAttention:
     packing plan is made once per step on the host (prefill steps are never captured) for all layers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ops=None) -> None:
+        """``ops``: a module with paged_attention, write_kv_cache and flash_attention_prefill (default
+        `kernels`; `kernels.attention_volta` for the sm70 tiles)."""
         import kernels  # the Triton ops load on first use
 
-        self._kernels = kernels
+        self._kernels = kernels if ops is None else ops
         self._last: tuple | None = None  # (block_table, past_lens, total_lens, PrefillPlan) of the last step
 
     def __call__(self, q, k, v, k_cache, v_cache, block_table, slot_mapping, past_lens, total_lens, **attrs):
@@ -373,11 +382,42 @@ class PagedAttention(nn.Module):
 
 
 def use_attention(model: Llama, attention) -> Llama:
-    """Run every layer's FlashAttention node with `attention` instead of the reference."""
-    for layer in model.layers:
+    """Run every layer's FlashAttention node with `attention` (or a list, one per layer) instead of the
+    reference."""
+    functions = attention if isinstance(attention, list) else [attention] * len(model.layers)
+    for layer, function in zip(model.layers, functions):
         inner = layer.attn.inner if isinstance(layer.attn, PagedAttention) else layer.attn
-        layer.attn = PagedAttention(inner, attention)
+        layer.attn = PagedAttention(inner, function)
     return model
+
+
+def attention_kernel_for(config: RuntimeConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The torch backend's attention kernel for this node (`RuntimeConfig.attention_kernel`)."""
+    kernel = config.attention_kernel
+    if kernel in ("auto", "native", "function"):  # the last two name onnxruntime's choices
+        return "triton" if device.type == "cuda" and dtype == torch.float16 else "torch"
+    if kernel in ("triton", "volta") and (device.type != "cuda" or dtype != torch.float16):
+        raise ConfigError(f"attention_kernel: {kernel} needs device: cuda and compute_dtype: fp16")
+    if kernel == "offload" and device.type == "cuda" and dtype != torch.float16:
+        raise ConfigError("attention_kernel: offload on cuda needs compute_dtype: fp16 (its decode kernel)")
+    return kernel
+
+
+def offload_attention(layout: KVCacheLayout, kv_gpu_bytes: int, num_layers: int, width: int, dtype, device):
+    """(device blocks, one OffloadAttention per layer) for `kv_gpu_bytes` of device memory (0: 1/8 of
+    the pool); the pool's other blocks are pinned host memory."""
+    from kernels.attention_offload import HostKVStream, OffloadAttention, host_pool
+
+    tile_blocks = max(1, OFFLOAD_TILE_TOKENS // layout.block_size)
+    stream = HostKVStream(tile_blocks=tile_blocks, block_size=layout.block_size, width=width, dtype=dtype,
+                          device=device)  # fmt: skip
+    block_bytes = 2 * num_layers * layout.block_size * width * torch.finfo(dtype).bits // 8
+    budget = kv_gpu_bytes or layout.num_blocks * block_bytes // 8
+    gpu_blocks = min(layout.num_blocks, max(1, (budget - stream.staging_bytes) // block_bytes))
+    host_blocks = max(1, layout.num_blocks - gpu_blocks)
+    plans: dict = {}
+    pools = [host_pool(host_blocks, layout.block_size, width, dtype) for _ in range(2 * num_layers)]
+    return gpu_blocks, [OffloadAttention(k, v, stream, plans) for k, v in zip(pools[::2], pools[1::2])]
 
 
 # -- 3. decode steps from CUDA graphs ---------------------------------------------------------------
@@ -464,38 +504,61 @@ class TorchBackend:
         self.device = _device(config.device)
         self.dtype = TORCH_DTYPES[artifact.dtype if config.compute_dtype == "auto" else config.compute_dtype]
         self.layout = layout
-        triton = self.device.type == "cuda" and self.dtype == torch.float16
-        self.attention_kernel = "triton" if triton else "torch"
+        self.attention_kernel = attention_kernel_for(config, self.device, self.dtype)
+        self.tensor_parallel = None
         model = load_model(artifact, self.dtype) if model is None else model
-        self.model = use_attention(
-            model.to(self.device), TritonAttention() if triton else paged_attention_torch
-        )
+        if config.tensor_parallel > 1:  # shard before moving: each rank holds only its part on the device
+            from runtime.tensor_parallel import TensorParallel
+
+            self.tensor_parallel = TensorParallel.current(config.tensor_parallel, config.allreduce_chunks)
+            model = self.tensor_parallel.shard(model)
         spec = artifact.model
+        first = model.layers[0].attn
+        kv_width = getattr(first, "inner", first).num_kv_heads * spec.head_dim  # this rank's heads under TP
         kv_dtype = (
             torch.float16
             if torch.float16 in (self.dtype, TORCH_DTYPES[artifact.kv_format])
             else torch.float32
         )
-        shape = (layout.num_blocks, layout.block_size, spec.num_kv_heads * spec.head_dim)
+        num_blocks = layout.num_blocks
+        if self.attention_kernel == "offload":
+            num_blocks, attention = offload_attention(
+                layout, config.kv_gpu_bytes, spec.num_layers, kv_width, kv_dtype, self.device
+            )
+        elif self.attention_kernel in ("triton", "volta"):
+            from kernels import attention_volta
+
+            attention = TritonAttention(attention_volta if self.attention_kernel == "volta" else None)
+        elif self.attention_kernel == "npu":
+            from kernels.attention_npu import paged_attention_npu as attention
+        else:
+            attention = paged_attention_torch
+        self.model = use_attention(model.to(self.device), attention)
+        shape = (num_blocks, layout.block_size, kv_width)
         self._pools = [
             torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(2 * spec.num_layers)
         ]
         self._host_dtype = NUMPY_DTYPES[artifact.kv_format]
         self._graphs = None
-        if config.cuda_graphs and self.device.type == "cuda":
+        graphable = self.attention_kernel in ("triton", "volta", "torch") and self.tensor_parallel is None
+        if config.cuda_graphs and self.device.type == "cuda" and graphable:
             max_seq_len = min(
                 config.max_seq_len or spec.max_position_embeddings, spec.max_position_embeddings
             )
             sizes = tuple(2**i for i in range(max(config.max_batch_size - 1, 0).bit_length() + 1))
             self._graphs = DecodeGraphs(self.model, self._pools, sizes, -(-max_seq_len // layout.block_size))
         log.info(
-            "loaded %s on %s: %s compute, attention %s, CUDA graphs %s, KV pool %d blocks x %d tokens (%s)",
+            "loaded %s on %s: %s compute, attention %s, CUDA graphs %s, KV pool %d blocks x %d tokens (%s), "
+            "%d of them on the device, tensor parallel %d (all-reduce in %d chunks)",
             artifact.path, self.device, self.dtype, self.attention_kernel, self._graphs is not None,
-            layout.num_blocks, layout.block_size, kv_dtype,
+            layout.num_blocks, layout.block_size, kv_dtype, num_blocks, config.tensor_parallel,
+            config.allreduce_chunks,
         )  # fmt: skip
 
     def run(self, batch: StepBatch) -> np.ndarray:
         """One forward step; returns logits [B, L, V] float32 and leaves the pool updated."""
+        if self.tensor_parallel is not None and self.tensor_parallel.rank == 0:
+            self.tensor_parallel.send_step(batch)  # the other ranks run the same step with their shards
         with torch.no_grad():
             if self._graphs is not None and self._graphs.fits(batch):
                 logits = self._graphs.run(batch)
@@ -514,6 +577,11 @@ class TorchBackend:
 
     def cache_arrays(self) -> list[HostView]:
         """The pool (K and V per layer, in graph order) as numpy-indexed views, for KV export and import."""
+        if self.attention_kernel == "offload" or self.tensor_parallel is not None:
+            raise ConfigError(
+                "KV export/import is not supported with attention_kernel: offload or tensor_parallel > 1; "
+                "route requests without a prefill node"
+            )
         return [HostView(pool, self._host_dtype) for pool in self._pools]
 
     def cache_tensors(self) -> list[torch.Tensor]:

@@ -15,7 +15,6 @@ FINISH_TO_PB = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
 }
-KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:

@@ -11,6 +11,8 @@ Handlers are built from the service descriptors (not the generated `add_*_to_ser
 call is wrapped the same way: the request id (metadata `x-request-id`, or a new one) goes into the
 logs; a request that does not parse becomes INVALID_ARGUMENT, not INTERNAL; runtime errors map to
 status codes through services/common/errors.py; start, end, status and duration are logged.
+Client-streaming methods get the same wrapping: the handler receives an async iterator of requests
+in which a message that does not parse raises InvalidRequestError when it is reached.
 """
 
 from __future__ import annotations
@@ -119,13 +121,26 @@ def _checked(method: str, request) -> None:
         )
 
 
-def _wrap_unary(method: str, fn):
+async def _checked_stream(method: str, requests):
+    async for request in requests:
+        _checked(method, request)
+        yield request
+
+
+def _incoming(method: str, request, client_streaming: bool):
+    """What the servicer's method receives: the checked request, or a checked request iterator."""
+    if client_streaming:
+        return _checked_stream(method, request)
+    _checked(method, request)
+    return request
+
+
+def _wrap_unary(method: str, fn, client_streaming: bool = False):
     async def handler(request, context):
         request_id_var.set(_request_id(context))
         started = time.perf_counter()
         try:
-            _checked(method, request)
-            response = await fn(request, context)
+            response = await fn(_incoming(method, request, client_streaming), context)
         except Exception as e:
             if isinstance(e, (asyncio.CancelledError, grpc.aio.AbortError)):
                 raise
@@ -139,14 +154,13 @@ def _wrap_unary(method: str, fn):
     return handler
 
 
-def _wrap_stream(method: str, fn):
+def _wrap_stream(method: str, fn, client_streaming: bool = False):
     async def handler(request, context):
         request_id_var.set(_request_id(context))
         started = time.perf_counter()
         count = 0
         try:
-            _checked(method, request)
-            async for response in fn(request, context):
+            async for response in fn(_incoming(method, request, client_streaming), context):
                 count += 1
                 yield response
         except Exception as e:
@@ -167,6 +181,14 @@ def _wrap_stream(method: str, fn):
     return handler
 
 
+_HANDLER_KINDS = {  # (client streaming, server streaming) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def method_handlers(servicer, service: pb_descriptor.ServiceDescriptor) -> grpc.GenericRpcHandler:
     """A generic handler for every method of `service` implemented by `servicer`."""
     handlers = {}
@@ -175,16 +197,10 @@ def method_handlers(servicer, service: pb_descriptor.ServiceDescriptor) -> grpc.
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         full_name = f"{service.full_name}/{method.name}"
-        if method.client_streaming:
-            raise NotImplementedError(f"{full_name}: client streaming is not used by our services")
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         wrap = _wrap_stream if method.server_streaming else _wrap_unary
         handlers[method.name] = make(
-            wrap(full_name, fn),
+            wrap(full_name, fn, method.client_streaming),
             request_deserializer=_tolerant_parser(request_class),
             response_serializer=response_class.SerializeToString,
         )

@@ -13,7 +13,6 @@ from protos.edge.v1 import prefill_pb2, prefill_pb2_grpc
 from runtime.engine import Engine
 from runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
 from runtime.sequence import ImportedKV
-from services.common.messages import KV_DTYPES
 
 
 class KvPuller:
@@ -36,19 +35,18 @@ class KvPuller:
             raise InvalidRequestError(
                 f"kv.num_tokens: {handle.num_tokens}, the prompt has {prompt_len} tokens"
             )
-        width = artifact.model.num_kv_heads * artifact.model.head_dim
-        dtype = KV_DTYPES[artifact.kv_format]
+        pool = artifact.pool_tensors()  # per layer: K, V (+ scales): the order PullKv sends `part`s in
         layers = [
-            (np.empty((prompt_len, width), dtype), np.empty((prompt_len, width), dtype))
+            tuple(np.empty((prompt_len, t.width), t.dtype) for t in pool)
             for _ in range(artifact.model.num_layers)
         ]
-        filled = np.zeros((artifact.model.num_layers, 2), np.int64)
+        filled = np.zeros((artifact.model.num_layers, len(pool)), np.int64)
         try:
             call = self._stub(handle.address).PullKv(
                 prefill_pb2.PullKvRequest(session_id=handle.session_id), timeout=timeout
             )
             async for chunk in call:
-                _place(chunk, layers, filled, dtype, width)
+                _place(chunk, layers, filled)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(
@@ -62,13 +60,15 @@ class KvPuller:
         return ImportedKV(handle.first_token_id, layers)
 
 
-def _place(chunk, layers, filled, dtype, width) -> None:
-    if chunk.layer >= len(layers):
-        raise InvalidRequestError(f"kv: chunk for layer {chunk.layer}, the model has {len(layers)}")
-    target = layers[chunk.layer][int(chunk.is_value)]
+def _place(chunk, layers, filled) -> None:
+    if chunk.layer >= len(layers) or chunk.part >= len(layers[0]):
+        raise InvalidRequestError(
+            f"kv: chunk for layer {chunk.layer} part {chunk.part} does not fit the model"
+        )
+    target = layers[chunk.layer][chunk.part]
     start, count = chunk.token_start, chunk.token_count
-    data = np.frombuffer(chunk.data, dtype=dtype)
-    if start + count > target.shape[0] or data.size != count * width:
+    data = np.frombuffer(chunk.data, dtype=target.dtype)
+    if start + count > target.shape[0] or data.size != count * target.shape[1]:
         raise InvalidRequestError(f"kv: malformed chunk (layer {chunk.layer}, tokens {start}+{count})")
-    target[start : start + count] = data.reshape(count, width)
-    filled[chunk.layer, int(chunk.is_value)] += count
+    target[start : start + count] = data.reshape(count, target.shape[1])
+    filled[chunk.layer, chunk.part] += count

@@ -1,12 +1,16 @@
 """Gateway: what apps call. Validates, tokenizes, then streams from a decode replica.
 
     Generate/Chat -> check the request -> tokenizer (Encode / ApplyChatTemplate)
-                  -> [prefill replica: first token + KV handle]      (when prefill replicas are configured)
+                  -> [prefill replica: first token + KV handle]      (when the split policy says so)
                   -> decode replica: stream tokens back as text deltas
                   -> on UNAVAILABLE before any token: the next replica; after tokens: a clear error
 
 Deadlines travel down with every call; a client that cancels cancels the downstream calls, which
-frees the KV at once.
+frees the KV at once. Every upstream channel uses gRPC's round_robin: an address that is a DNS name
+resolving to several replicas (`dns:///decode:50063`, a compose service scaled up, a Swarm service with
+endpoint_mode dnsrr) spreads requests over all of them; such a name is tried twice, so a request that
+met a replica going away lands on another one. A prefill address must name one instance: the decode
+node pulls the KV back from the address the prefill call went to.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from services.common.config import GatewayConfig
 from services.common.errors import UpstreamError
 from services.common.messages import sampling_from_pb
 from services.common.server import request_id_var
+from services.gateway.split_policy import SplitPolicy
 
 log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -42,6 +47,7 @@ class Replicas:
 
     def __init__(self, addresses: tuple[str, ...], stub_class, options) -> None:
         self.addresses = list(addresses)
+        options = [*options, ("grpc.lb_policy_name", "round_robin")]
         self._channels = [grpc.aio.insecure_channel(a, options=options) for a in addresses]
         self._stubs = [stub_class(c) for c in self._channels]
         self._next = itertools.count()
@@ -50,16 +56,18 @@ class Replicas:
         return bool(self._stubs)
 
     def in_order(self):
-        """(address, stub) pairs, starting at the next replica in turn."""
+        """(address, stub) pairs, starting at the next replica in turn; DNS names come round twice."""
         start = next(self._next) % len(self._stubs)
         order = list(range(start, len(self._stubs))) + list(range(start))
+        order += [i for i in order if self.addresses[i].startswith("dns:")]
         return [(self.addresses[i], self._stubs[i]) for i in order]
 
 
 class GatewayServicer:
-    def __init__(self, config: GatewayConfig, model_name: str) -> None:
+    def __init__(self, config: GatewayConfig, model_name: str, split: SplitPolicy | None = None) -> None:
         self._config = config
         self._model = model_name
+        self._split = split or SplitPolicy.from_config(config, kv_bytes_per_token=0)
         options = [("grpc.max_receive_message_length", config.max_message_bytes)]
         self._tokenizer = Replicas((config.tokenizer,), tokenizer_pb2_grpc.TokenizerStub, options)
         self._decode = Replicas(config.decode, decode_pb2_grpc.DecodeStub, options)
@@ -166,7 +174,7 @@ class GatewayServicer:
         if not ids:
             raise InvalidRequestError("prompt: encodes to no tokens; send some text")
         kv = None
-        if self._prefill:
+        if self._prefill and self._split.should_split(len(ids)):
             kv, first = await self._run_prefill(request_id, ids, sampling, context)
             if first.finish_reason == common_pb2.FINISH_REASON_STOP or sampling.max_tokens == 1:
                 await self._release(kv)  # the first token ended it: nothing to decode

@@ -63,9 +63,9 @@ class PrefillServicer:
                 f"session_id: {session_id!r} is unknown, already pulled, or its lease expired"
             )
         layers = await self.worker.call(lambda engine: engine.export_kv(session_id))
-        for index, (k, v) in enumerate(layers):
-            for is_value, array in ((False, k), (True, v)):
-                for chunk in _chunks(index, is_value, array, self._config.kv_chunk_bytes):
+        for index, arrays in enumerate(layers):
+            for part, array in enumerate(arrays):
+                for chunk in _chunks(index, part, array, self._config.kv_chunk_bytes):
                     yield chunk
         await self._release(session_id)  # pulled in full: free it now
 
@@ -87,11 +87,11 @@ class PrefillServicer:
         return len(self._leases)
 
 
-def _chunks(layer: int, is_value: bool, array, max_bytes: int):
+def _chunks(layer: int, part: int, array, max_bytes: int):
     """[tokens, width] rows in messages of at most max_bytes of data."""
     rows = max(1, max_bytes // array[0].nbytes) if len(array) else 1
     for start in range(0, len(array), rows):
-        part = array[start : start + rows]
+        block = array[start : start + rows]
         yield prefill_pb2.KvChunk(
-            layer=layer, is_value=is_value, token_start=start, token_count=len(part), data=part.tobytes()
+            layer=layer, part=part, token_start=start, token_count=len(block), data=block.tobytes()
         )

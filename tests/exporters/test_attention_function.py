@@ -10,6 +10,8 @@ from tests.attention_cases import (
     feeds,
     make_case,
     max_error_on_real_rows,
+    check_quantized_outputs,
+    quantized_case,
     reference,
     single_node_model,
 )
@@ -44,3 +46,16 @@ def test_function_body_with_fp16_cache(q_dtype, kv_dtype):
     o_ref, k_ref, v_ref = reference(case)
     assert caches_match(k_cache, k_ref) and caches_match(v_cache, v_ref)
     assert max_error_on_real_rows(o, o_ref, case["new_lens"]) <= (1e-5 if q_dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+@pytest.mark.parametrize("past_lens,new_lens", [([0], [17]), ([5, 40, 0], [1, 1, 3])])
+def test_function_body_with_quantized_cache(kv_format, past_lens, new_lens):
+    """Quantized pools: the body matches paged_attention_quant_ref (codes and scales exactly)."""
+    case = quantized_case(make_case(seed=7, past_lens=past_lens, new_lens=new_lens), kv_format)
+    model = single_node_model(
+        case, causal=True, sliding_window=0, functions=[flash_attention_function(kv_format=kv_format)]
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [torch.from_numpy(x) for x in session.run(None, feeds(case))]
+    check_quantized_outputs(outputs, case, kv_format)

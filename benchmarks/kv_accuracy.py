@@ -1,0 +1,157 @@
+"""Accuracy of the KV-cache formats: perplexity, KL divergence and greedy agreement vs an fp32 cache.
+
+    python -m benchmarks.kv_accuracy --artifacts fp32=DIR int8=DIR int4=DIR [--tokens 51200]
+
+Every artifact is the same model exported with a different `--kv-dtype`; the first is the baseline.
+Held-out text: docstrings of standard-library modules (EVAL_MODULES, disjoint from the modules K means
+are calibrated on), assembled at run time. It is cut into windows of `--window` tokens; each window is
+teacher-forced through the engine's graph in chunks of `--chunk` tokens (so later chunks attend over
+the quantized cache written by earlier ones), and every position's next-token distribution is
+compared with the baseline's on the fly (full logits are never stored). Greedy agreement: 256 tokens
+generated from a prompt per format, the fraction equal to the baseline's at the same position.
+Results: benchmarks/results/kv_accuracy.json (machine, date, command; KV bytes per token per format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from exporters.calibration import stdlib_text
+from runtime.backends.onnxruntime import StepBatch
+from runtime.config import RuntimeConfig
+from runtime.engine import Engine
+from runtime.kv_cache import bytes_per_token
+from runtime.sampling import SamplingParams
+
+EVAL_MODULES = (
+    "argparse", "asyncio", "csv", "datetime", "decimal", "email.message", "enum", "fractions", "heapq",
+    "http.client", "inspect", "json", "logging", "os", "pickle", "random", "re", "shutil", "socket",
+    "sqlite3", "statistics", "subprocess", "tarfile", "threading", "typing", "unittest", "urllib.parse",
+    "uuid", "zipfile", "xml.dom.minidom", "dataclasses", "contextlib", "abc", "ast", "bisect", "calendar",
+)  # fmt: skip
+GREEDY_PROMPT = "The following is a short introduction to the Python standard library."
+
+
+def eval_ids(engine: Engine, tokens: int) -> list[int]:
+    ids = engine.tokenizer.encode(stdlib_text(EVAL_MODULES), add_special_tokens=False)
+    if len(ids) < tokens:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than the {tokens} asked for")
+    return ids[:tokens]
+
+
+def chunk_logits(engine: Engine, ids: list[int], chunk: int):
+    """Logits [n, V] of each chunk of `ids`, teacher-forced as one sequence over the engine's pool."""
+    block = engine.allocator.layout.block_size
+    table = np.arange(1, 1 + -(-len(ids) // block), dtype=np.int32)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        positions = np.arange(start, start + len(part))
+        yield engine.backend.run(
+            StepBatch(
+                input_ids=np.array([part], np.int64),
+                position_ids=positions[None],
+                slot_mapping=(table[positions // block].astype(np.int64) * block + positions % block)[None],
+                block_table=table[None],
+                past_lens=np.array([start], np.int32),
+                total_lens=np.array([start + len(part)], np.int32),
+                logit_positions=np.arange(len(part))[None],
+            )
+        )[0]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare(engines: dict[str, Engine], ids: list[int], window: int, chunk: int) -> dict:
+    """Perplexity per format and KL(baseline || format) per position, over windows of `ids`."""
+    names = list(engines)
+    nll = {n: [] for n in names}
+    kl = {n: [] for n in names[1:]}
+    for w in range(0, len(ids) - window + 1, window):
+        tokens = ids[w : w + window]
+        streams = {n: chunk_logits(e, tokens, chunk) for n, e in engines.items()}
+        offset = 0
+        for parts in zip(*streams.values()):
+            logp = {n: log_softmax(p) for n, p in zip(names, parts)}
+            targets = np.array(tokens[offset + 1 : offset + 1 + len(parts[0])])
+            rows = np.arange(len(targets))
+            for n in names:
+                nll[n].extend((-logp[n][rows, targets]).tolist())
+            base = logp[names[0]]
+            for n in names[1:]:
+                kl[n].extend((np.exp(base) * (base - logp[n])).sum(-1).tolist())
+            offset += len(parts[0])
+    ppl = {n: float(np.exp(np.mean(v))) for n, v in nll.items()}
+    return {
+        "perplexity": ppl,
+        "delta_perplexity": {n: ppl[n] - ppl[names[0]] for n in names[1:]},
+        "mean_kl": {n: float(np.mean(v)) for n, v in kl.items()},
+        "positions": len(nll[names[0]]),
+    }
+
+
+def greedy_agreement(engines: dict[str, Engine], tokens: int = 256) -> dict:
+    names = list(engines)
+    outputs = {}
+    for name, engine in engines.items():
+        ids = engine.tokenizer.encode(GREEDY_PROMPT)
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        outputs[name] = [e.token_id for e in engine.generate(ids, params)]
+    base = outputs[names[0]]
+    return {n: float(np.mean([a == b for a, b in zip(outputs[n], base)])) for n in names[1:]}
+
+
+def load_engines(artifacts: dict[str, str], threads: int) -> dict[str, Engine]:
+    config = RuntimeConfig(num_threads=threads, kv_cache_bytes=512 * 2**20)
+    return {name: Engine.from_artifact(path, config) for name, path in artifacts.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", nargs="+", required=True, help="name=DIR; the first is the baseline")
+    parser.add_argument("--tokens", type=int, default=51200)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--output", default="benchmarks/results/kv_accuracy.json")
+    args = parser.parse_args(argv)
+    artifacts = dict(item.split("=", 1) for item in args.artifacts)
+    engines = load_engines(artifacts, args.threads)
+    first = next(iter(engines.values()))
+    start = time.time()
+    result = compare(engines, eval_ids(first, args.tokens), args.window, args.chunk)
+    result["greedy_agreement_256"] = greedy_agreement(engines)
+    result["kv_bytes_per_token"] = {n: e.artifact.kv_bytes_per_token for n, e in engines.items()}
+    model = first.artifact.model
+    fp16 = bytes_per_token("fp16", model.num_layers, model.num_kv_heads * model.head_dim, model.head_dim)
+    result["kv_memory_vs_fp16"] = {n: round(fp16 / e.artifact.kv_bytes_per_token, 3) for n, e in engines.items()}
+    result.update(
+        benchmark="kv_accuracy",
+        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=round(time.time() - start, 1),
+        command=" ".join(["python -m benchmarks.kv_accuracy"] + (argv or sys.argv[1:])),
+        artifacts=artifacts,
+        settings={"tokens": args.tokens, "window": args.window, "chunk": args.chunk, "threads": args.threads},
+        machine={"platform": platform.platform(), "cores": os.cpu_count()},
+        load_average=os.getloadavg(),
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("perplexity", "delta_perplexity", "mean_kl", "greedy_agreement_256",
+                                             "kv_bytes_per_token", "positions")}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The media service: burst merge, long exposure and region animation (numpy/OpenCV, no weights)."""
