@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build the images locally; no registry is reachable or needed.
 #
-#   deploy/scripts/build-images.sh [base] [runtime] [export] [gpu]   # default: base runtime export
+#   deploy/scripts/build-images.sh [base] [runtime] [media] [export] [gpu]   # default: all but gpu
 #
 #   edge-base:bookworm     Debian 12 minbase + python3 + the host's CA certificates, made by mmdebstrap
 #   edge-runtime:latest    the services: onnxruntime, tokenizers, grpcio, ... and our native kernel; no torch
+#   edge-media:latest      edge-runtime + the media service's image stack (OpenCV, SciPy, Pillow, PyAV, LibRaw)
 #   edge-export:latest     edge-runtime + torch (CPU) + the exporter and the embedded model, for `export-model`
-#   edge-gpu:latest        the services on the torch backend for NVIDIA nodes (CUDA torch from PyPI, large)
+#   edge-gpu:latest        the services on the torch backend for NVIDIA nodes (CUDA torch from PyPI, large;
+#                          needs no NVIDIA base image: the CUDA libraries come in torch's nvidia-* wheels)
 #
 # The base is rebuilt whenever the host's CA certificates change (one is made at boot where outbound
 # TLS is re-signed; without it pip inside `docker build` fails with CERTIFICATE_VERIFY_FAILED).
@@ -14,6 +16,9 @@
 # from pip's local wheels or cache on hosts that have one, else from PyPI.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+# pip for `pip download` only: the project venv's when there is one (CI runs outside any venv)
+PIP="$ROOT/.venv/bin/pip"
+[ -x "$PIP" ] || PIP=pip
 cd "$ROOT"
 BASE=edge-base:bookworm
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
@@ -52,12 +57,17 @@ build_runtime() {
   docker build --quiet -f deploy/Dockerfile -t edge-runtime:latest . >/dev/null
 }
 
+build_media() {
+  log "edge-media:latest"
+  docker build --quiet -f deploy/Dockerfile.media -t edge-media:latest deploy >/dev/null
+}
+
 build_export() {
   # torch comes from deploy/wheels/ when a wheel is there; pip download copies it from pip's
   # find-links or cache on hosts that have it (no download), else fetches it from PyPI.
   mkdir -p deploy/wheels
   if ! ls deploy/wheels/torch-*.whl >/dev/null 2>&1; then
-    pip download --quiet --no-deps --only-binary :all: "$TORCH_SPEC" -d deploy/wheels 2>/dev/null ||
+    "$PIP" download --quiet --no-deps --only-binary :all: "$TORCH_SPEC" -d deploy/wheels 2>/dev/null ||
       log "no torch wheel staged; the export image installs $TORCH_SPEC from PyPI"
   fi
   log "edge-export:latest"
@@ -67,14 +77,14 @@ build_export() {
 
 build_gpu() {
   log "edge-gpu:latest (CUDA torch from PyPI: several GB)"
-  docker build --quiet -f deploy/Dockerfile.gpu -t edge-gpu:latest . >/dev/null
+  docker build --quiet -f deploy/Dockerfile.gpu -t edge-gpu:latest deploy >/dev/null
 }
 
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(base runtime export)
+[ ${#targets[@]} -eq 0 ] && targets=(base runtime media export)
 for target in "${targets[@]}"; do
   case "$target" in
-    base | runtime | export | gpu) "build_$target" ;;
-    *) log "unknown image '$target' (base, runtime, export, gpu)"; exit 2 ;;
+    base | runtime | media | export | gpu) "build_$target" ;;
+    *) log "unknown image '$target' (base, runtime, media, export, gpu)"; exit 2 ;;
   esac
 done

