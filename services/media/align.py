@@ -8,8 +8,12 @@ meaning (reference pixel x -> frame position A @ [x, 1]).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
+
+Check = Callable[[], None]  # called between steps of a long job; raises to stop it (jobs.py)
 
 # DIS settings measured on the 8x1024x768 synthetic bursts (research/photo.md, benchmarks/media.py):
 # half-resolution patches of 8 px at stride 4 with variational refinement keep most of the
@@ -21,6 +25,10 @@ DIS_PATCH_STRIDE = 4
 DIS_GRADIENT_ITERATIONS = 16
 DIS_REFINEMENT_ITERATIONS = 5
 FLOW_PREBLUR_SIGMA = 1.0
+
+
+def keep_going() -> None:
+    """The default `check`: never stops the job."""
 
 
 def to_gray8(image: np.ndarray, blur_sigma: float = 0.0) -> np.ndarray:

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from runtime.errors import InvalidRequestError
+from services.media.align import Check, keep_going
 
 DIRECTIONS = {  # degrees, counter-clockwise from "right", image up is 90
     "right": 0.0,
@@ -140,12 +141,13 @@ def _grabcut(bgr: np.ndarray, points: list[tuple[int, int]], window: float) -> n
     return np.isin(labels, [labels[y, x] for x, y in points if fg[y, x]])
 
 
-def integrate(field: np.ndarray, steps: int) -> list[np.ndarray]:
+def integrate(field: np.ndarray, steps: int, check: Check = keep_going) -> list[np.ndarray]:
     """Euler integration of a static field: [F_0 = 0, F_1, ..., F_steps]."""
     h, w = field.shape[:2]
     xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     out = [np.zeros_like(field)]
     for _ in range(steps):
+        check()
         f = out[-1]
         step = cv2.remap(
             field, xs + f[..., 0], ys + f[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
@@ -180,13 +182,16 @@ def splat(image: np.ndarray, displacement: np.ndarray, weight: float) -> tuple[n
     return total.reshape(h, w, c), weights.reshape(h, w)
 
 
-def flow_loop(image: np.ndarray, mask: np.ndarray, motion: MotionPrompt, num_frames: int) -> list[np.ndarray]:
+def flow_loop(
+    image: np.ndarray, mask: np.ndarray, motion: MotionPrompt, num_frames: int, check: Check
+) -> list[np.ndarray]:
     """Frames of a seamless loop of texture moving along the field (symmetric splatting)."""
     field = np.zeros(image.shape[:2] + (2,), np.float32)
     field[mask] = motion.velocity
-    ahead, behind = integrate(field, num_frames), integrate(-field, num_frames)
+    ahead, behind = integrate(field, num_frames, check), integrate(-field, num_frames, check)
     frames = []
     for t in range(num_frames):
+        check()
         a_sum, a_w = splat(image, ahead[t], 1.0 - t / num_frames)
         b_sum, b_w = splat(image, behind[num_frames - t], t / num_frames)
         weight = a_w + b_w
@@ -196,7 +201,7 @@ def flow_loop(image: np.ndarray, mask: np.ndarray, motion: MotionPrompt, num_fra
 
 
 def sway_loop(
-    image: np.ndarray, alpha: np.ndarray, motion: MotionPrompt, num_frames: int
+    image: np.ndarray, alpha: np.ndarray, motion: MotionPrompt, num_frames: int, check: Check
 ) -> list[np.ndarray]:
     """Frames of the region swinging along the direction, peak speed = motion.speed."""
     amplitude = motion.speed * num_frames / (2 * math.pi)
@@ -205,6 +210,7 @@ def sway_loop(
     xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     frames = []
     for t in range(num_frames):
+        check()
         d = amplitude * math.sin(2 * math.pi * t / num_frames) * alpha
         frames.append(
             cv2.remap(image, xs - d * vx, ys - d * vy, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
@@ -212,8 +218,15 @@ def sway_loop(
     return frames
 
 
-def animate(image: np.ndarray, mask: np.ndarray, motion: MotionPrompt, num_frames: int) -> list[np.ndarray]:
-    """uint8 RGB frames; pixels outside `mask` equal round(image * 255) exactly."""
+def animate(
+    image: np.ndarray,
+    mask: np.ndarray,
+    motion: MotionPrompt,
+    num_frames: int,
+    check: Check = keep_going,
+) -> list[np.ndarray]:
+    """uint8 RGB frames; pixels outside `mask` equal round(image * 255) exactly. `check` is called
+    before each frame (it raises to stop the job)."""
     original = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
     if not mask.any():
         return [original.copy() for _ in range(num_frames)]
@@ -225,9 +238,9 @@ def animate(image: np.ndarray, mask: np.ndarray, motion: MotionPrompt, num_frame
     crop, crop_mask = image[y0:y1, x0:x1].astype(np.float32), mask[y0:y1, x0:x1]
     alpha = _feather(crop_mask)
     if motion.kind == "sway":
-        moving = sway_loop(crop, alpha, motion, num_frames)
+        moving = sway_loop(crop, alpha, motion, num_frames, check)
     else:
-        moving = flow_loop(crop, crop_mask, motion, num_frames)
+        moving = flow_loop(crop, crop_mask, motion, num_frames, check)
     frames = []
     for frame in moving:
         blended = frame * alpha[..., None] + crop * (1 - alpha[..., None])

@@ -25,7 +25,14 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from services.media.align import FLOW_PREBLUR_SIGMA, dense_flow, to_gray8, warp_by_flow
+from services.media.align import (
+    FLOW_PREBLUR_SIGMA,
+    Check,
+    dense_flow,
+    keep_going,
+    to_gray8,
+    warp_by_flow,
+)
 
 TILE = 16  # spatial Wiener tile (half-overlapping)
 MERGE_BOX = 5  # window of the robust merge's local difference
@@ -171,8 +178,11 @@ def spatial_wiener_ref(image: np.ndarray, variance: np.ndarray, strength: float 
     return out[s : s + h, s : s + w]
 
 
-def merge_burst(frames: list[np.ndarray], reference: int | None = None) -> MergeResult:
-    """One denoised image from a burst of same-size float RGB frames (at least two)."""
+def merge_burst(
+    frames: list[np.ndarray], reference: int | None = None, check: Check = keep_going
+) -> MergeResult:
+    """One denoised image from a burst of same-size float RGB frames (at least two); `check` is
+    called before each frame's alignment and before the merge (it raises to stop the job)."""
     assert len(frames) >= 2 and all(f.shape == frames[0].shape for f in frames)
     started = time.perf_counter()
     ref_index = choose_reference(frames) if reference is None else reference
@@ -183,8 +193,10 @@ def merge_burst(frames: list[np.ndarray], reference: int | None = None) -> Merge
     aligned = []
     for i, frame in enumerate(frames):
         if i != ref_index:
+            check()
             flow = dense_flow(ref_gray, to_gray8(frame, FLOW_PREBLUR_SIGMA))
             aligned.append(warp_by_flow(frame, flow))
+    check()
     aligned_at = time.perf_counter()
     merged, residual = robust_merge(ref, aligned, variance)
     image = np.clip(spatial_wiener(merged, variance * residual), 0.0, 1.0)

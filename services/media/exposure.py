@@ -27,8 +27,10 @@ import numpy as np
 
 from services.media.align import (
     FLOW_PREBLUR_SIGMA,
+    Check,
     dense_flow,
     global_motion,
+    keep_going,
     to_gray8,
     warp_by_flow,
     warp_global,
@@ -49,7 +51,9 @@ class ExposureResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def subject_mask_from_point(frames: list[np.ndarray], reference: int, point: tuple[float, float]):
+def subject_mask_from_point(
+    frames: list[np.ndarray], reference: int, point: tuple[float, float], check: Check = keep_going
+) -> np.ndarray:
     """The pixels that move with the clicked point: flow within 1 px of the point's own flow in
     every frame, the connected region that contains the point."""
     h, w = frames[0].shape[:2]
@@ -62,6 +66,7 @@ def subject_mask_from_point(frames: list[np.ndarray], reference: int, point: tup
     for i, frame in enumerate(frames):
         if i == reference:
             continue
+        check()
         flow = dense_flow(ref_gray, to_gray8(frame, FLOW_PREBLUR_SIGMA))
         own = np.median(flow[seed > 0], axis=0)
         agree &= np.linalg.norm(flow - own, axis=2) < 1.0
@@ -70,7 +75,9 @@ def subject_mask_from_point(frames: list[np.ndarray], reference: int, point: tup
     return labels == labels[y, x]
 
 
-def align_frames(frames: list[np.ndarray], reference: int, mask: np.ndarray | None) -> list[np.ndarray]:
+def align_frames(
+    frames: list[np.ndarray], reference: int, mask: np.ndarray | None, check: Check = keep_going
+) -> list[np.ndarray]:
     """Every frame warped onto the reference by one global (euclidean) motion, fitted over `mask`."""
     ref_gray = to_gray8(frames[reference], FLOW_PREBLUR_SIGMA)
     aligned = []
@@ -78,6 +85,7 @@ def align_frames(frames: list[np.ndarray], reference: int, mask: np.ndarray | No
         if i == reference:
             aligned.append(frame)
             continue
+        check()
         matrix = global_motion(ref_gray, to_gray8(frame, FLOW_PREBLUR_SIGMA), mask)
         aligned.append(warp_global(frame, matrix))
     return aligned
@@ -111,18 +119,21 @@ def long_exposure(
     trail_px: float = 0.0,
     subject_point: tuple[float, float] | None = None,
     subject_mask: np.ndarray | None = None,
+    check: Check = keep_going,
 ) -> ExposureResult:
-    """Foreground blur, or panning (background blur) when a subject point or mask is given."""
+    """Foreground blur, or panning (background blur) when a subject point or mask is given.
+    `check` is called between frames and frame intervals (it raises to stop the job)."""
     assert len(frames) >= 2
     reference = len(frames) // 2 if reference is None else reference
     panning = subject_point is not None or subject_mask is not None
     if subject_mask is None and subject_point is not None:
-        subject_mask = subject_mask_from_point(frames, reference, subject_point)
-    aligned = align_frames(frames, reference, subject_mask)
+        subject_mask = subject_mask_from_point(frames, reference, subject_point, check)
+    aligned = align_frames(frames, reference, subject_mask, check)
     grays = [to_gray8(f, FLOW_PREBLUR_SIGMA) for f in aligned]
     speeds = []
     flows = []
     for a, b in zip(grays, grays[1:]):
+        check()
         forward, backward = dense_flow(a, b), dense_flow(b, a)
         flows.append((forward, backward))
         magnitude = np.linalg.norm(forward, axis=2)
@@ -134,6 +145,7 @@ def long_exposure(
     count = 0
     motion = np.zeros(aligned[0].shape[:2], np.float32)
     for i in range(first, first + math.ceil(gaps - 1e-9)):
+        check()
         forward, backward = flows[i]
         part, n = blur_interval(aligned[i], aligned[i + 1], forward, backward, min(1.0, gaps - (i - first)))
         total += part

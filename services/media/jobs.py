@@ -6,11 +6,14 @@
 
 Each job: check the options -> decode and check the frames -> run the algorithm (burst.py,
 exposure.py, animate.py) -> encode (codecs.py). Every user mistake raises InvalidRequestError with a
-message that names the field and what to change. Calls block: the servicer runs them in a thread.
+message that names the field and what to change. Calls block: the servicer runs them in a thread and
+passes a StopFlag's `check`, which the algorithms call between frames; when the caller cancels or its
+deadline passes the servicer sets the flag and the job ends at the next check with JobCancelled.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +21,7 @@ import numpy as np
 from runtime.errors import InvalidRequestError
 from services.common.config import MediaConfig
 from services.media import animate, codecs
+from services.media.align import Check, keep_going
 from services.media.burst import merge_burst
 from services.media.exposure import long_exposure
 
@@ -68,20 +72,40 @@ class MediaOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+class JobCancelled(Exception):
+    """The caller went away (cancelled, or its deadline passed); the job stopped at a check."""
+
+
+class StopFlag:
+    """Set from the event loop, read by the worker thread through `check`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.checks = 0  # how many checks the job made (logged: how far it got)
+
+    def set(self) -> None:
+        self._event.set()
+
+    def check(self) -> None:
+        self.checks += 1
+        if self._event.is_set():
+            raise JobCancelled(f"stopped after {self.checks} checks")
+
+
 class MediaStudio:
     def __init__(self, config: MediaConfig) -> None:
         self.config = config
 
-    def merge_burst(self, job: MergeJob) -> MediaOutput:
+    def merge_burst(self, job: MergeJob, check: Check = keep_going) -> MediaOutput:
         _check_image_format(job.format, job.quality)
-        frames = self._burst(job.frames)
+        frames = self._burst(job.frames, check)
         reference = self._reference(job.reference, len(frames), default=None)
-        result = merge_burst(frames, reference)
+        result = merge_burst(frames, reference, check)
         return self._image_output(result.image, job.format, job.quality, result.stats)
 
-    def long_exposure(self, job: ExposureJob) -> MediaOutput:
+    def long_exposure(self, job: ExposureJob, check: Check = keep_going) -> MediaOutput:
         _check_image_format(job.format, job.quality)
-        frames = self._burst(job.frames)
+        frames = self._burst(job.frames, check)
         reference = self._reference(job.reference, len(frames), default=len(frames) // 2)
         h, w = frames[0].shape[:2]
         if job.subject_point is not None:
@@ -98,11 +122,11 @@ class MediaStudio:
                 raise InvalidRequestError("subject_mask: empty; mark the subject with nonzero pixels")
         if job.trail_px < 0:
             raise InvalidRequestError(f"trail_px: {job.trail_px} must be >= 0 (0 = every frame)")
-        result = long_exposure(frames, reference, job.trail_px, job.subject_point, mask)
+        result = long_exposure(frames, reference, job.trail_px, job.subject_point, mask, check)
         stats = {**result.stats, "reference_frame": float(reference)}
         return self._image_output(result.image, job.format, job.quality, stats)
 
-    def animate_region(self, job: AnimateJob) -> MediaOutput:
+    def animate_region(self, job: AnimateJob, check: Check = keep_going) -> MediaOutput:
         if job.format not in codecs.CLIP_FORMATS:
             raise InvalidRequestError(f"format: {job.format!r}; use one of {', '.join(codecs.CLIP_FORMATS)}")
         if not 2 <= job.num_frames <= self.config.max_clip_frames:
@@ -118,8 +142,10 @@ class MediaStudio:
         h, w = image.shape[:2]
         for i, click in enumerate(job.clicks):
             _check_point(f"clicks[{i}]", click, w, h)
+        check()
         mask = animate.click_mask(image, job.clicks)
-        frames = animate.animate(image, mask, motion, job.num_frames)
+        frames = animate.animate(image, mask, motion, job.num_frames, check)
+        check()
         clip = codecs.encode_clip(frames, job.format, job.fps)
         mask_png = codecs.encode_image(mask[..., None].repeat(3, axis=2).astype(np.float32), "png")
         stats = {
@@ -134,7 +160,7 @@ class MediaStudio:
         ]
         return MediaOutput(files, w, h, len(frames), stats)
 
-    def _burst(self, encoded: list[bytes]) -> list[np.ndarray]:
+    def _burst(self, encoded: list[bytes], check: Check) -> list[np.ndarray]:
         """Decoded frames of one size; at least two, at most max_frames."""
         if len(encoded) < 2:
             raise InvalidRequestError(f"frames: got {len(encoded)}; a burst needs at least 2 frames")
@@ -142,10 +168,10 @@ class MediaStudio:
             raise InvalidRequestError(
                 f"frames: got {len(encoded)}, more than the limit of {self.config.max_frames}"
             )
-        frames = [
-            codecs.decode_image(data, f"frames[{i}]", self.config.max_pixels)
-            for i, data in enumerate(encoded)
-        ]
+        frames = []
+        for i, data in enumerate(encoded):
+            check()
+            frames.append(codecs.decode_image(data, f"frames[{i}]", self.config.max_pixels))
         h, w = frames[0].shape[:2]
         for i, frame in enumerate(frames[1:], start=1):
             if frame.shape[:2] != (h, w):

@@ -3,18 +3,34 @@
 Requests stream in as [options] + frame chunks; they are gathered into encoded files (checking
 order, count and size as they arrive, so an oversized burst is refused early), the job runs in a
 worker thread, and the result streams back as a header and then chunks of each output file.
+
+Cancellation and deadlines: gRPC cancels the handler when the caller cancels or its deadline passes;
+the handler then sets the job's StopFlag and waits for the thread to stop at its next check (between
+frames), so a job slot is only given back once its CPU is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 
 from protos.edge.v1 import media_pb2
 from runtime.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
 from services.common.config import MediaConfig
-from services.media.jobs import AnimateJob, ExposureJob, MediaOutput, MediaStudio, MergeJob
+from services.media.jobs import (
+    AnimateJob,
+    ExposureJob,
+    JobCancelled,
+    MediaOutput,
+    MediaStudio,
+    MergeJob,
+    StopFlag,
+)
+
+log = logging.getLogger("edge.media")
 
 IMAGE_FORMATS = {
     media_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
@@ -58,7 +74,7 @@ class MediaServicer:
             format=_enum(IMAGE_FORMATS, options.format, "format"),
             quality=options.quality or 92,
         )
-        async for message in self._run(self.studio.merge_burst, job):
+        async for message in self._run("MergeBurst", self.studio.merge_burst, job):
             yield message
 
     async def LongExposure(self, requests, context):
@@ -73,7 +89,7 @@ class MediaServicer:
             format=_enum(IMAGE_FORMATS, options.format, "format"),
             quality=options.quality or 92,
         )
-        async for message in self._run(self.studio.long_exposure, job):
+        async for message in self._run("LongExposure", self.studio.long_exposure, job):
             yield message
 
     async def AnimateRegion(self, requests, context):
@@ -91,7 +107,7 @@ class MediaServicer:
             fps=options.fps or 12.0,
             format=_enum(CLIP_FORMATS, options.format, "format"),
         )
-        async for message in self._run(self.studio.animate_region, job):
+        async for message in self._run("AnimateRegion", self.studio.animate_region, job):
             yield message
 
     async def _receive(self, requests: AsyncIterator, options_class) -> tuple:
@@ -126,11 +142,29 @@ class MediaServicer:
             first = False
         return options, [bytes(f) for f in frames]
 
-    async def _run(self, work, job) -> AsyncIterator[media_pb2.MediaResult]:
+    async def _run(self, method: str, work, job) -> AsyncIterator[media_pb2.MediaResult]:
         with self._slot():
-            output = await asyncio.to_thread(work, job)
+            output = await self.compute(method, work, job)
         for message in result_messages(output, self._config.chunk_bytes):
             yield message
+
+    async def compute(self, method: str, work, job) -> MediaOutput:
+        """work(job, check) in a thread; if this coroutine is cancelled, stop the thread and wait."""
+        stop, started = StopFlag(), time.perf_counter()
+        log.info("job started", extra={"fields": {"method": method}})
+        worker = asyncio.ensure_future(asyncio.to_thread(work, job, stop.check))
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait([worker])
+            error = None if worker.cancelled() else worker.exception()  # retrieved either way
+            if error is not None and not isinstance(error, JobCancelled):
+                log.warning("a cancelled job failed", exc_info=error)
+            ms = round((time.perf_counter() - started) * 1e3, 2)
+            fields = {"method": method, "checks": stop.checks, "ms": ms}
+            log.info("job stopped: the caller cancelled or its deadline passed", extra={"fields": fields})
+            raise
 
     @contextlib.contextmanager
     def _slot(self):
