@@ -8,7 +8,7 @@
 A request is split when its estimated split TTFT is below the local one. Both sides grow linearly in
 the prompt length n, so with a faster prefill node there is one break-even length: shorter prompts stay
 on decode, longer ones are split; when the link moves KV slower than decode prefills it, nothing is
-split. The figures come from the gateway's config: measured by benchmarks/split_prefill.py (link
+split. The figures come from the gateway's config: measured by benchmarks/split_handoff.py (link
 bandwidth and RTT with the link in place, prefill tokens/s of each node), or set by hand; the KV bytes
 per token are the artifact's. Plain Python, no gRPC: the gateway asks `should_split(n)` per request.
 """
