@@ -189,6 +189,27 @@ def exposure_truth(burst: Burst, first: int, gaps: float, samples_per_gap: int =
     return (total / count).astype(np.float32)
 
 
+def panning_truth(burst: Burst, first: int, gaps: float, samples_per_gap: int = 24) -> np.ndarray:
+    """What a camera panning with the object records (burst taken from a tripod, no shake): the
+    object stays at its reference position while the background slides by minus its motion; a dense
+    average of rendered instants from frame `first` over `gaps` frame intervals."""
+    h, w = burst.truth.shape[:2]
+    m = burst.margin
+    texture = object_texture(burst.object_radius)
+    ref = np.array(burst.object_centers[burst.reference])
+    c0, c1 = np.array(burst.object_centers[first]), np.array(burst.object_centers[first + 1])
+    count = max(2, int(round(gaps * samples_per_gap)))
+    total = np.zeros((h, w, 3), np.float64)
+    size = burst.world.shape[1], burst.world.shape[0]
+    for t in (np.arange(count) + 0.5) / count * gaps:
+        dx, dy = c0 + t * (c1 - c0) - ref  # the camera has followed the object this far
+        shift = np.float32([[1, 0, -dx], [0, 1, -dy]])
+        flags = cv2.INTER_CUBIC
+        background = cv2.warpAffine(burst.world, shift, size, flags=flags, borderMode=cv2.BORDER_REFLECT)
+        total += paste_object(background, texture, (ref[0] + m, ref[1] + m))[m : m + h, m : m + w]
+    return np.clip(total / count, 0, 1).astype(np.float32)
+
+
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, border: int = 16) -> float:
     """PSNR in dB of images in [0, 1] (or uint8), over `mask` if given, with a border crop."""
     a = a.astype(np.float64) / (255.0 if a.dtype == np.uint8 else 1.0)
