@@ -37,7 +37,7 @@ HEAD_DIMS = (64, 80, 96, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_QUERY_TOKENS = 16
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # read inside kernels: Triton only allows constexpr globals there
 
 
 @dataclass(frozen=True)
