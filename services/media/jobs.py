@@ -208,4 +208,7 @@ def _check_image_format(fmt: str, quality: int) -> None:
 def _check_point(name: str, point: tuple[float, float], width: int, height: int) -> None:
     x, y = point
     if not (0 <= x < width and 0 <= y < height):
-        raise InvalidRequestError(f"{name}: ({x:g}, {y:g}) is outside the {width}x{height} image")
+        raise InvalidRequestError(
+            f"{name}: ({x:g}, {y:g}) is outside the {width}x{height} image; "
+            f"give x in [0, {width}) and y in [0, {height}) pixels"
+        )

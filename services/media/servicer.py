@@ -200,5 +200,5 @@ def result_messages(output: MediaOutput, chunk_bytes: int):
 
 def _enum(table: dict, value: int, field: str) -> str:
     if value not in table:
-        raise InvalidRequestError(f"{field}: unknown value {value}")
+        raise InvalidRequestError(f"{field}: unknown value {value}; use one of {sorted(table)}")
     return table[value]

@@ -231,6 +231,11 @@ def test_cli_writes_ordinary_files(media, burst, tmp_path, capsys):
     args += ["--prompt", "sway", "--frames", "8", "--out", str(clip), "--mask-out", str(mask)]
     assert cli_main(args) == 0
     assert len(codecs.decode_clip(clip.read_bytes())) == 8 and mask.read_bytes()[:4] == b"\x89PNG"
+    long = tmp_path / "long.png"
+    x, y = b.object_centers[len(paths) // 2]
+    args = ["client", "--address", media, "media", "long-exposure", *map(str, paths), "--subject", f"{x},{y}"]
+    assert cli_main([*args, "--out", str(long)]) == 0
+    assert codecs.decode_image(long.read_bytes(), "long", 10**6).shape == (192, 256, 3)
     code = cli_main(["client", "--address", media, "media", "merge", str(paths[0]), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "INVALID_ARGUMENT" in err and "at least 2 frames" in err
