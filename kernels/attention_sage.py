@@ -36,7 +36,7 @@ HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half to even in fp32
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half to even
 
 
 @dataclass(frozen=True)

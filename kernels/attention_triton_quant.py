@@ -51,7 +51,7 @@ from kernels.kv_formats import INT4_GROUP, KV_QUANT_FORMATS, code_width, group_s
 HEAD_DIMS = {"int8": (64, 80, 96, 128), "int4": (64, 128)}
 DTYPES = (torch.float16, torch.bfloat16)
 CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half-to-even in fp32
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half to even
 
 # Tile configs by format. Starting points from the fp16 kernel's H200 tuning (64-key tiles, 4 warps);
 # `python -m benchmarks.kv_quant_gpu --tune` times QUANT_CANDIDATES on the card it runs on and records
