@@ -501,6 +501,12 @@ class TorchBackend:
     def __init__(
         self, artifact: Artifact, config: RuntimeConfig, layout: KVCacheLayout, *, model: Llama | None = None
     ) -> None:
+        if artifact.kv_format not in TORCH_DTYPES:
+            raise ArtifactError(
+                f"{artifact.path}: KV format {artifact.kv_format!r} is not served by the torch (CUDA) "
+                "backend yet (kernels/attention_triton_quant.py has the kernels, not yet wired in); serve it "
+                "with backend: onnxruntime, or re-export it with --kv-dtype fp16 for this backend"
+            )
         self.device = _device(config.device)
         self.dtype = TORCH_DTYPES[artifact.dtype if config.compute_dtype == "auto" else config.compute_dtype]
         self.layout = layout
