@@ -204,6 +204,16 @@ class FusedLinear(nn.Module):
         return [part(x) for part in self.parts]
 
 
+def hadamard(n: int) -> torch.Tensor | None:
+    """The orthonormal Sylvester-Hadamard matrix of size n (fp32), or None when n is not a power of two."""
+    if n < 1 or n & (n - 1):
+        return None
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
+
+
 class PagedKV:
     """The per-step inputs that place new tokens in the paged pool (see kernels/reference.py)."""
 
@@ -223,6 +233,10 @@ class Attention(nn.Module):
         if kv_format:  # K's per-channel means, subtracted before quantizing (set by calibration)
             width = config.num_kv_heads * config.head_dim
             self.register_buffer("k_mean", torch.zeros(width, dtype=dtype))
+            # q and k rotated per head by an orthonormal Hadamard matrix (scores unchanged: q.k = qH.kH):
+            # it spreads K's outlier channels over the head, so per-token scales fit every channel
+            rotation = hadamard(config.head_dim)
+            self.register_buffer("k_rotation", None if rotation is None else rotation.to(dtype))
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -233,9 +247,15 @@ class Attention(nn.Module):
         self.o = Linear(weights["o"], dtype, accuracy_level)
 
     def project(self, x, rope: Rope):
-        """q [B, S, Hq*D], k and v [B, S, Hkv*D], RoPE applied."""
+        """q [B, S, Hq*D], k and v [B, S, Hkv*D], RoPE applied (and, for a quantized cache, the rotation)."""
         q, k, v = self.qkv(x)
-        return rope(q, self.num_heads), rope(k, self.num_kv_heads), v
+        q, k = rope(q, self.num_heads), rope(k, self.num_kv_heads)
+        if getattr(self, "k_rotation", None) is not None:
+            q, k = (
+                torch.matmul(t.unflatten(-1, (-1, self.head_dim)), self.k_rotation).flatten(-2)
+                for t in (q, k)
+            )
+        return q, k, v
 
     def forward_dense(self, x, rope: Rope) -> torch.Tensor:
         B, S, _ = x.shape

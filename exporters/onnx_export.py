@@ -28,7 +28,7 @@ from tqdm import tqdm
 from exporters.attention_function import flash_attention_function
 from exporters.calibration import CALIBRATION_MODULES, CALIBRATION_TOKENS, calibrate_k_means, calibration_ids
 from exporters.checkpoint import LAYER_TENSORS, QUANT_BLOCK, BlockQuant, CheckpointError
-from exporters.model import ATTENTION_DOMAIN, ATTENTION_OP, ATTENTION_OP_VERSION, Llama
+from exporters.model import ATTENTION_DOMAIN, ATTENTION_OP, ATTENTION_OP_VERSION, Llama, hadamard
 from kernels.kv_formats import KV_QUANT_FORMATS, group_size
 from runtime.artifact import MODEL_FILE, WEIGHTS_FILE, write_manifest
 from runtime.kv_cache import pool_tensors
@@ -376,6 +376,7 @@ def _kv_manifest(kv_format: str, config) -> dict:
     if kv_format in KV_QUANT_FORMATS:
         entry["group"] = group_size(kv_format, config.head_dim)
         entry["spec"] = "kernels/kv_quant.py"
+        entry["k_rotation"] = "hadamard" if hadamard(config.head_dim) is not None else "none"
         entry["k_mean_calibration"] = (
             f"{CALIBRATION_TOKENS} tokens of docstrings of {', '.join(CALIBRATION_MODULES)}"
         )

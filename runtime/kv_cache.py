@@ -114,7 +114,7 @@ class KVBlockAllocator:
 
 @dataclass(frozen=True)
 class PoolTensor:
-    """One tensor of a layer's pool: [num_blocks, block_size, width] of `dtype`, graph name `{name}.{layer}`."""
+    """One tensor of a layer's pool: [num_blocks, block_size, width] of `dtype`, named `{name}.{layer}`."""
 
     name: str
     width: int

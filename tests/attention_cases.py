@@ -167,7 +167,8 @@ def check_quantized_outputs(outputs, case: dict, kv_format: str, *, causal=True,
     width = case["k"].shape[-1]
     head_dim = width // case["num_kv_heads"]
     o_ref, _, _ = paged_attention_ref(
-        case["q"], keys.view(-1, width)[flat].view_as(case["k"]), values.view(-1, width)[flat].view_as(case["v"]),
+        case["q"], keys.view(-1, width)[flat].view_as(case["k"]),
+        values.view(-1, width)[flat].view_as(case["v"]),
         keys, values, case["block_table"], case["slot_mapping"], case["past_lens"], case["total_lens"],
         num_heads=case["num_heads"], num_kv_heads=case["num_kv_heads"], scale=head_dim**-0.5, causal=causal,
         sliding_window=sliding_window,

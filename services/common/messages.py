@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from protos.edge.v1 import common_pb2, decode_pb2
 from runtime.errors import InvalidRequestError
 from runtime.sampling import SamplingParams

@@ -66,4 +66,7 @@ class DecodeServicer:
             vocab_size=engine.artifact.model.vocab_size,
             kv_format=engine.artifact.kv_format,
             kept_kv_sequences=stats.kept_kv_sequences,
+            kv_bytes_per_token=engine.artifact.kv_bytes_per_token,
+            kv_bytes_in_use_by_format={engine.artifact.kv_format: stats.kv_bytes_in_use},
+            kv_tokens_capacity=engine.allocator.capacity_tokens,
         )

@@ -7,10 +7,10 @@ import torch
 from exporters.attention_function import flash_attention_function
 from tests.attention_cases import (
     caches_match,
+    check_quantized_outputs,
     feeds,
     make_case,
     max_error_on_real_rows,
-    check_quantized_outputs,
     quantized_case,
     reference,
     single_node_model,

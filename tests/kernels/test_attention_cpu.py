@@ -30,9 +30,11 @@ from kernels import attention_cpu
 from tests.attention_cases import (
     INPUT_NAMES,
     caches_match,
+    check_quantized_outputs,
     feeds,
     make_case,
     max_error_on_real_rows,
+    quantized_case,
     reference,
     single_node_model,
 )
@@ -180,6 +182,52 @@ def test_decode_odd_shapes(dtypes, num_heads, num_kv_heads, head_dim, block_size
         head_dim=head_dim,
         block_size=block_size,
     )
+
+
+def quantized_session(case: dict, *, causal: bool = True, sliding_window: int = 0, threads: int = 2):
+    """A session of one FlashAttention node over quantized pools (codes + fp16 scales + K mean)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    assert attention_cpu.register(options)
+    model = single_node_model(case, causal=causal, sliding_window=sliding_window)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "past_lens,new_lens,num_heads,num_kv_heads,head_dim,block_size",
+    [
+        ([0, 5, 130], [17, 17, 10], 6, 2, 64, 16),  # prefill over a past, padded row
+        ([0, 1, 63, 1500, 200], [1, 1, 1, 1, 1], 8, 2, 64, 16),  # decode, one row long enough to split
+        ([3, 700], [1, 97], 4, 4, 128, 5),  # MHA, D 128, odd block size, mixed batch
+        ([40, 9], [1, 3], 12, 1, 32, 3),  # group of 12, D 32 (one int4 group per head)
+    ],
+    ids=["prefill", "decode-split", "mha-d128-bs5", "gqa12-d32"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantized_cache_matches_spec(kv_format, past_lens, new_lens, num_heads, num_kv_heads, head_dim,
+                                      block_size, threads):  # fmt: skip
+    """int8/int4 pools: the kernel quantizes new K/V as kernels/kv_quant.py specifies (scales exactly,
+    codes up to one step on rare near-ties) and attends over the codes it wrote within 1e-5."""
+    base = make_case(seed=head_dim + len(past_lens), past_lens=past_lens, new_lens=new_lens,
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                     block_size=block_size)  # fmt: skip
+    case = quantized_case(base, kv_format)
+    session = quantized_session(case, threads=threads)
+    outputs = [torch.from_numpy(x) for x in session.run(None, feeds(case))]
+    assert outputs[1].dtype == (torch.int8 if kv_format == "int8" else torch.uint8)
+    check_quantized_outputs(outputs, case, kv_format)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_quantized_cache_sliding_window_and_full(kv_format):
+    case = quantized_case(make_case(seed=5, past_lens=[0, 60], new_lens=[9, 1]), kv_format)
+    for causal, window in ((True, 8), (False, 0)):
+        outputs = [
+            torch.from_numpy(x)
+            for x in quantized_session(case, causal=causal, sliding_window=window).run(None, feeds(case))
+        ]
+        check_quantized_outputs(outputs, case, kv_format, causal=causal, sliding_window=window)
 
 
 def test_calls_of_different_shapes_reuse_scratch():

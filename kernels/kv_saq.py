@@ -1,0 +1,246 @@
+"""SAQ staircase KV cache: full precision for the newest tokens, then fewer bits as tokens age.
+
+The cache of one sequence (per layer) is a residual of up to `stage` full-precision tokens and a list
+of closed stages of exactly `stage` tokens. When the residual fills it closes as a stage at the top
+stair's width; every closed stage then moves down the stairs by age: with the default schedule
+`8:1,4:4,2` the newest closed stage is 8-bit, the next four are 4-bit and all older ones 2-bit.
+
+Quantization (KIVI-style, asymmetric: value = min + code * scale, codes in [0, 2^bits - 1]):
+- K per channel: min and scale per channel over the stage's tokens (K's outlier channels get their own
+  range; no smoothing needed).
+- V per token: min and scale per group of `v_group` channels.
+Mins and scales are fp16; codes are packed 8 // bits per byte. Demotion re-quantizes from what the
+stage holds (its dequantized codes), never from the full-precision values, which are gone once a stage
+closes: the error compounds down the stairs, and the accuracy harness measures exactly that.
+
+This module is the specification (torch, any device): `SaqCache` holds real packed codes, so
+`nbytes()` is the memory the format takes, and `attend()` is the attention the kernels must match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SaqSchedule", "SaqCache", "quantize_asym", "dequantize_asym"]
+
+
+@dataclass(frozen=True)
+class SaqSchedule:
+    """stage: tokens per stage; stairs: (bits, stages) from the newest closed stage down, the last
+    stair's count 0 meaning "all older"; v_group: V channels per (min, scale)."""
+
+    stage: int = 64
+    stairs: tuple[tuple[int, int], ...] = ((8, 1), (4, 4), (2, 0))
+    v_group: int = 32
+    sink: int = 0  # the oldest `sink` stages stay at the top stair's width (attention sinks)
+    rotate: str = ""  # "k", "v" or "kv": rows rotated per head by a Hadamard matrix before quantizing
+
+    @classmethod
+    def parse(
+        cls, text: str, *, stage: int = 64, v_group: int = 32, sink: int = 0, rotate: str = ""
+    ) -> SaqSchedule:
+        """'8:1,4:4,2' -> stairs ((8, 1), (4, 4), (2, 0))."""
+        stairs = []
+        for i, part in enumerate(p.strip() for p in text.split(",")):
+            bits, _, count = part.partition(":")
+            last = i == len(text.split(",")) - 1
+            try:
+                stairs.append((int(bits), int(count) if count else 0))
+            except ValueError:
+                raise ValueError(
+                    f"SAQ stair {part!r}: write BITS:STAGES (e.g. 8:1), the last one BITS"
+                ) from None
+            if not last and stairs[-1][1] <= 0:
+                raise ValueError(f"SAQ stair {part!r}: every stair but the last needs a stage count >= 1")
+        schedule = cls(stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate)
+        schedule.validate()
+        return schedule
+
+    def validate(self) -> None:
+        widths = [bits for bits, _ in self.stairs]
+        if any(b not in (8, 4, 2) for b in widths):
+            raise ValueError(f"SAQ stair widths {widths}: each must be 8, 4 or 2 bits")
+        if widths != sorted(widths, reverse=True):
+            raise ValueError(f"SAQ stair widths {widths} must not increase with age")
+        if self.stage < 2:
+            raise ValueError(f"SAQ stage of {self.stage} tokens: use at least 2")
+
+    def bits_at(self, age: int, index: int = 1 << 30) -> int:
+        """Width of the closed stage `age` stages old (0 = newest), `index` stages from the oldest."""
+        if index < self.sink:
+            return self.stairs[0][0]
+        for bits, count in self.stairs:
+            if count == 0 or age < count:
+                return bits
+            age -= count
+        return self.stairs[-1][0]
+
+    def text(self) -> str:
+        return ",".join(f"{b}:{c}" if c else str(b) for b, c in self.stairs)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] in [0, 2^bits) -> [..., n * bits / 8] bytes (first code in the low bits)."""
+    per = 8 // bits
+    c = codes.to(torch.uint8).unflatten(-1, (-1, per))
+    packed = torch.zeros(c.shape[:-1], dtype=torch.uint8, device=codes.device)
+    for i in range(per):
+        packed |= c[..., i] << (bits * i)
+    return packed
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per, mask = 8 // bits, (1 << bits) - 1
+    return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], -1).flatten(-2)
+
+
+def quantize_asym(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of x (float) with one (min, scale) over `dim`: (codes uint8 in
+    [0, 2^bits), lo fp16, scale fp16), lo/scale keeping `dim` as size 1."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo = xf.amin(dim, keepdim=True).half()
+    scale = ((xf.amax(dim, keepdim=True) - lo.float()) / levels).half()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.round((xf - lo.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
+    return codes, lo, scale
+
+
+def dequantize_asym(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return lo.float() + codes.float() * scale.float()
+
+
+class _Stage:
+    """A closed stage: K [T, W] quantized per channel, V [T, W] per token per group."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, v_group: int) -> None:
+        self.bits, self.tokens, self.width, self.v_group = bits, k.shape[0], k.shape[1], v_group
+        k_codes, self.k_lo, self.k_scale = quantize_asym(k, bits, dim=0)
+        v_codes, self.v_lo, self.v_scale = quantize_asym(v.unflatten(-1, (-1, v_group)), bits, dim=-1)
+        self.k_codes = _pack(k_codes.transpose(0, 1), bits)  # [W, T * bits / 8]: channels are rows
+        self.v_codes = _pack(v_codes.flatten(-2), bits)  # [T, W * bits / 8]
+        self._keys = self._values = None
+
+    def keys(self) -> torch.Tensor:
+        if self._keys is None:  # memo: a stage's codes never change, only its successor replaces it
+            codes = _unpack(self.k_codes, self.bits).transpose(0, 1)
+            self._keys = dequantize_asym(codes, self.k_lo, self.k_scale)
+        return self._keys
+
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            codes = _unpack(self.v_codes, self.bits).unflatten(-1, (-1, self.v_group))
+            self._values = dequantize_asym(codes, self.v_lo, self.v_scale).flatten(-2)
+        return self._values
+
+    def demote(self, bits: int) -> _Stage:
+        """The same tokens at `bits`, re-quantized from what this stage holds."""
+        return _Stage(self.keys(), self.values(), bits, self.v_group)
+
+    def nbytes(self) -> int:
+        tensors = (self.k_codes, self.v_codes, self.k_lo, self.k_scale, self.v_lo, self.v_scale)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class SaqCache:
+    """One layer's staircase cache for one sequence. K and V rows are [Hkv * D] (K after RoPE)."""
+
+    def __init__(
+        self,
+        schedule: SaqSchedule,
+        width: int,
+        dtype: torch.dtype = torch.float16,
+        head_dim: int | None = None,
+    ) -> None:
+        schedule.validate()
+        self.head_dim = head_dim
+        self.rotation = self._rotation(head_dim) if schedule.rotate and head_dim else None
+        if width % schedule.v_group:
+            raise ValueError(f"KV width {width} is not a multiple of the SAQ V group {schedule.v_group}")
+        if (schedule.stage * min(b for b, _ in schedule.stairs)) % 8:
+            raise ValueError(f"SAQ stage of {schedule.stage} tokens does not pack into whole bytes")
+        self.schedule, self.width, self.dtype = schedule, width, dtype
+        self.stages: list[_Stage] = []  # oldest first
+        self.residual_k = torch.empty(0, width, dtype=dtype)
+        self.residual_v = torch.empty(0, width, dtype=dtype)
+        self.demotions = 0
+
+    def __len__(self) -> int:
+        return len(self.stages) * self.schedule.stage + self.residual_k.shape[0]
+
+    def _rotation(self, head_dim: int) -> torch.Tensor:
+        h = torch.ones(1, 1)
+        while h.shape[0] < head_dim:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+        if h.shape[0] != head_dim:
+            raise ValueError(f"SAQ rotation needs a power-of-two head_dim, not {head_dim}")
+        return h / math.sqrt(head_dim)
+
+    def _rotate(self, x: torch.Tensor, which: str, inverse: bool = False) -> torch.Tensor:
+        if which not in self.schedule.rotate or self.head_dim is None:
+            return x
+        r = self.rotation.T if inverse else self.rotation
+        return (x.float().unflatten(-1, (-1, self.head_dim)) @ r).flatten(-2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add tokens [n, W]; stages close (and older ones move down the stairs) as the residual fills."""
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        while k.shape[0]:
+            room = self.schedule.stage - self.residual_k.shape[0]
+            self.residual_k = torch.cat([self.residual_k, k[:room]])
+            self.residual_v = torch.cat([self.residual_v, v[:room]])
+            k, v = k[room:], v[room:]
+            if self.residual_k.shape[0] == self.schedule.stage:
+                self._close()
+
+    def _close(self) -> None:
+        top = self.schedule.bits_at(0)
+        k, v = self._rotate(self.residual_k, "k"), self._rotate(self.residual_v, "v")
+        self.stages.append(_Stage(k, v, top, self.schedule.v_group))
+        self.residual_k = self.residual_k[:0]
+        self.residual_v = self.residual_v[:0]
+        for age, i in enumerate(range(len(self.stages) - 1, -1, -1)):
+            bits = self.schedule.bits_at(age, i)
+            if self.stages[i].bits != bits:
+                self.stages[i] = self.stages[i].demote(bits)
+                self.demotions += 1
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens, oldest first, as float32 [T, W]: what attention reads."""
+        ks = [self._rotate(s.keys(), "k", True) for s in self.stages] + [self.residual_k.float()]
+        vs = [self._rotate(s.values(), "v", True) for s in self.stages] + [self.residual_v.float()]
+        return torch.cat(ks), torch.cat(vs)
+
+    def nbytes(self) -> int:
+        residual = 2 * self.residual_k.numel() * self.residual_k.element_size()
+        return residual + sum(s.nbytes() for s in self.stages)
+
+    def bits_histogram(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.stages:
+            counts[f"int{s.bits}"] = counts.get(f"int{s.bits}", 0) + s.tokens
+        counts["fp"] = self.residual_k.shape[0]
+        return counts
+
+
+def attend(q, k_new, v_new, cache: SaqCache, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Causal attention of q [S, Hq * D] for S new tokens (k_new, v_new [S, W], not yet appended) over
+    the cache plus themselves at full precision, as a decode step sees its own token before the
+    residual closes: float32 [S, Hq * D]."""
+    past = len(cache)
+    k, v = cache.keys_values()
+    k = torch.cat([k, k_new.to(cache.dtype).float()])
+    v = torch.cat([v, v_new.to(cache.dtype).float()])
+    S, T = q.shape[0], k.shape[0]
+    D = q.shape[1] // num_heads
+    group = num_heads // num_kv_heads
+    qh = q.float().view(S, num_heads, D).transpose(0, 1)  # [Hq, S, D]
+    kh = k.view(T, num_kv_heads, D).transpose(0, 1).repeat_interleave(group, 0)
+    vh = v.view(T, num_kv_heads, D).transpose(0, 1).repeat_interleave(group, 0)
+    scores = qh @ kh.transpose(1, 2) / math.sqrt(D)
+    rows = torch.arange(past, past + S).unsqueeze(1)
+    scores = scores.masked_fill(torch.arange(T).unsqueeze(0) > rows, float("-inf"))
+    return (scores.softmax(-1) @ vh).transpose(0, 1).flatten(1)
