@@ -22,10 +22,9 @@ it; ranks 1.. build the same backend and `follow` (receive a step, run it, disca
 rank 0 sends stop. The collectives run on the default group: gloo on the CPU, NCCL on CUDA (one GPU per
 rank, by LOCAL_RANK). Not supported under TP: KV export/import (prefill/decode handoff), CUDA graphs.
 
-What is wired: this module's `main` (the command above: rank 0 generates for the given prompts and prints
-JSON lines). Not wired: the gRPC decode service. Its `__main__` would call `init_from_env()` first and, on
-ranks other than 0, `follow_from_artifact(node.artifact, node.runtime)` instead of serving; rank 0 serves
-as now and calls `stop_followers()` after draining.
+Entry points: this module's `main` (the command above: rank 0 generates for the given prompts and prints
+JSON lines), and the gRPC decode service (`torchrun --nproc-per-node N -m services.decode --config ...`:
+rank 0 serves, the others `follow_from_artifact`, and rank 0 calls `stop_followers()` after its drain).
 """
 
 from __future__ import annotations
