@@ -119,7 +119,7 @@ def local_kv_width(model: Llama) -> int:
 def set_chunks(model: Llama, chunks: int) -> None:
     for module in model.modules():
         if isinstance(module, TiledAllReduce):
-            module.chunks = chunks
+            module.chunks, module.min_chunk_rows = chunks, 1  # the chunk count as given, whatever the rows
 
 
 def run_steps(step, steps: int, device: torch.device, group) -> float:

@@ -47,7 +47,7 @@ class RuntimeConfig:
     cuda_graphs: bool = True  # torch backend on cuda: replay decode steps from captured CUDA graphs
     kv_gpu_bytes: int = 0  # attention_kernel offload: device bytes for KV (pool + staging); 0 = 1/8 of pool
     tensor_parallel: int = 1  # torch backend: ranks the model is split over (torchrun: tensor_parallel.py)
-    allreduce_chunks: int = 4  # tensor_parallel: row chunks per all-reduce (tiling-AllReduce); 1 = plain
+    allreduce_chunks: int = 4  # tensor_parallel: all-reduce row chunks (tiling-AllReduce), >= 1024 rows each
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -14,7 +14,11 @@ Megatron-style split of `exporters.model.Llama`, one shard per rank:
 Tiling-AllReduce (`TiledAllReduce`): a row-parallel block's rows (tokens) are cut into `chunks`; chunk c's
 partial sum goes out as an asynchronous all-reduce while chunk c + 1 computes, and the results are joined
 once all have landed. chunks = 1 is the plain all-reduce after the whole block. Summation order per element
-is the same either way, so both give identical numbers.
+is the same either way, so both give identical numbers. A chunk is at least `min_chunk_rows` rows
+(MIN_CHUNK_ROWS = 1024 when serving): every chunk re-reads the block's weights, and on 2 x H100 over NVLink
+(benchmarks/results/tensor_parallel_gpu.json, CUDA-graph steps of a Llama-7B-shaped stack) row chunks made a
+16-row decode step 1.25x (2 chunks) to 1.74x (4) slower than the plain all-reduce, and a 2048-token prefill
+equal (2 chunks of 1024) to 1.05x slower (4 of 512); so decode steps use the plain all-reduce.
 
 Serving: the engine runs on rank 0 only. `TorchBackend` with `tensor_parallel: N` shards its module
 (`TensorParallel.shard`) and, on rank 0, broadcasts each step's inputs over a gloo group before running
@@ -44,6 +48,8 @@ from exporters.model import MLP, FusedLinear, Linear, Llama
 
 log = logging.getLogger(__name__)
 
+MIN_CHUNK_ROWS = 1024  # rows (tokens) per all-reduce chunk at least (module docstring: measured on 2 x H100)
+
 
 def head_split(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tuple[range, range]:
     """(query heads, KV heads) of `rank`; query head h reads KV head h // (num_heads // num_kv_heads)."""
@@ -66,13 +72,13 @@ def head_split(num_heads: int, num_kv_heads: int, world: int, rank: int) -> tupl
 class TiledAllReduce(nn.Module):
     """A row-parallel block (its output is this rank's partial sum), summed over ranks in row chunks."""
 
-    def __init__(self, inner: nn.Module, group, chunks: int) -> None:
+    def __init__(self, inner: nn.Module, group, chunks: int, min_chunk_rows: int = MIN_CHUNK_ROWS) -> None:
         super().__init__()
-        self.inner, self.group, self.chunks = inner, group, chunks
+        self.inner, self.group, self.chunks, self.min_chunk_rows = inner, group, chunks, min_chunk_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        n = max(1, min(self.chunks, rows.shape[0]))
+        n = max(1, min(self.chunks, rows.shape[0] // self.min_chunk_rows))
         outputs, pending = [], []
         for part in rows.tensor_split(n):  # chunk c + 1 computes while chunk c is being reduced
             y = self.inner(part)
@@ -95,7 +101,9 @@ def _fused_weights(fused: FusedLinear) -> list[torch.Tensor]:
     return [_dense(part) for part in fused.parts]
 
 
-def shard_llama(model: Llama, rank: int, world: int, group=None, chunks: int = 4) -> Llama:
+def shard_llama(
+    model: Llama, rank: int, world: int, group=None, chunks: int = 4, min_chunk_rows: int = MIN_CHUNK_ROWS
+) -> Llama:
     """Cut `model` (dense weights, on any device) to rank's shard, in place (module docstring)."""
     config = model.config
     D = config.head_dim
@@ -111,11 +119,12 @@ def shard_llama(model: Llama, rank: int, world: int, group=None, chunks: int = 4
         dtype, device = attn.o.weight.dtype, attn.o.weight.device
         q, k, v = _fused_weights(attn.qkv)
         attn.qkv = FusedLinear([numpy(q[q_rows]), numpy(k[kv_rows]), numpy(v[kv_rows])], dtype, 0).to(device)
-        attn.o = TiledAllReduce(Linear(numpy(_dense(attn.o)[:, q_rows]), dtype, 0).to(device), group, chunks)
+        o = Linear(numpy(_dense(attn.o)[:, q_rows]), dtype, 0).to(device)
+        attn.o = TiledAllReduce(o, group, chunks, min_chunk_rows)
         attn.num_heads, attn.num_kv_heads = len(q_heads), len(kv_heads)
         gate, up = _fused_weights(mlp.gate_up)
         weights = dict(gate=numpy(gate[units]), up=numpy(up[units]), down=numpy(_dense(mlp.down)[:, units]))
-        layer.mlp = TiledAllReduce(MLP(weights, dtype, 0).to(device), group, chunks)
+        layer.mlp = TiledAllReduce(MLP(weights, dtype, 0).to(device), group, chunks, min_chunk_rows)
     return model
 
 

@@ -67,3 +67,24 @@ def test_tensor_parallel_config_checks():
         RuntimeConfig(tensor_parallel=2)
     with pytest.raises(ConfigError, match="allreduce_chunks"):
         RuntimeConfig(backend="torch", allreduce_chunks=0)
+
+
+def test_all_reduce_chunks_are_at_least_min_chunk_rows(monkeypatch):
+    """Decode steps (few rows) get the plain all-reduce; a 2048-token prefill with chunks 4 gets 2 of 1024."""
+    import runtime.tensor_parallel as tp
+
+    reduced = []
+
+    class Done:
+        def wait(self) -> None:
+            pass
+
+    monkeypatch.setattr(
+        tp.dist, "all_reduce", lambda y, group, async_op: reduced.append(y.shape[0]) or Done()
+    )
+    block = tp.TiledAllReduce(torch.nn.Identity(), None, chunks=4)
+    for rows in (1, 16, 2048, 4096):
+        reduced.clear()
+        x = torch.randn(1, rows, 8)
+        assert torch.equal(block(x), x)
+        assert reduced == {1: [1], 16: [16], 2048: [1024, 1024], 4096: [1024] * 4}[rows]
