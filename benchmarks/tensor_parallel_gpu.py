@@ -250,6 +250,7 @@ def machine(device: torch.device) -> dict:
     else:
         cpu = platform.processor() or platform.machine()
         info |= dict(device=f"CPU ({cpu}), {torch.get_num_threads()} thread(s) per rank")
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]  # shared with other work
     return info
 
 

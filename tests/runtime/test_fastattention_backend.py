@@ -2,7 +2,8 @@
 
 CPU (CI): on the tiny model in fp32, `npu` and `offload` (with a GPU budget of 6 blocks, so rows straddle
 the device and host tiers) give the logits of the `torch` kernel (the spec, <= 1e-4) over a prefill and
-decode steps, and the engine's greedy tokens; wrong choices fail with ConfigError naming the fix.
+decode steps, and the engine's greedy tokens; the choice is logged when the backend loads; wrong choices
+fail with ConfigError naming the fix.
 GPU (marked `gpu`): on a random 2-layer model with 64-dim heads in fp16, `volta`, `offload` and `npu`
 agree with `triton` on the top-1 token over a prefill and decode steps.
 """
@@ -79,6 +80,16 @@ def test_offload_engine_tokens_equal_the_spec_engine(tiny_artifact):
     ]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     assert generate_batched(engines[1], prompts, params) == generate_batched(engines[0], prompts, params)
+
+
+def test_kernel_choice_is_logged_at_load(tiny_artifact, caplog):
+    artifact = load_artifact(tiny_artifact, verify=False)
+    layout = KVCacheLayout(num_blocks=8, block_size=4, bytes_per_token=artifact.kv_bytes_per_token)
+    for kernel in ("npu", "offload"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="runtime.backends.torch_cuda"):
+            TorchBackend(artifact, RuntimeConfig(**CPU, attention_kernel=kernel), layout)
+        assert f"attention {kernel}," in caplog.text
 
 
 def test_kernel_choice_errors(tiny_artifact):
