@@ -47,8 +47,8 @@ class SageConfig:
     num_stages: int
 
 
-# Starting points (the fp16 prefill kernel's H200 tiles for D=128). `python -m benchmarks.kv_quant_gpu`
-# times SAGE_CANDIDATES on the card it runs on and records the best in benchmarks/results/kv_quant_gpu.json.
+# D=128 tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6) on 2026-11-25 by `python -m
+# benchmarks.kv_quant_gpu` (SAGE_CANDIDATES, FP8 P.V, N=8k non-causal; see kv_quant_gpu.json); D=64 untuned.
 SAGE_CONFIGS = {64: SageConfig(128, 64, 4, 3), 128: SageConfig(128, 128, 8, 3)}
 SAGE_CANDIDATES = [SageConfig(128, 64, 4, 3), SageConfig(128, 64, 8, 3), SageConfig(128, 128, 8, 3),
                    SageConfig(128, 128, 8, 2)]  # fmt: skip

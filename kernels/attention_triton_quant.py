@@ -53,10 +53,10 @@ DTYPES = (torch.float16, torch.bfloat16)
 CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half to even
 
-# Tile configs by format. Starting points from the fp16 kernel's H200 tuning (64-key tiles, 4 warps);
-# `python -m benchmarks.kv_quant_gpu --tune` times QUANT_CANDIDATES on the card it runs on and records
-# the winners in benchmarks/results/kv_quant_gpu.json; copy them here.
-QUANT_DECODE_CONFIGS = {"int8": DecodeConfig(64, 4, 4), "int4": DecodeConfig(64, 4, 4)}
+# Tile configs by format, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
+# by `python -m benchmarks.kv_quant_gpu` (times QUANT_CANDIDATES at B=1, N=32k, 32/8 heads of 128, and
+# records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same command.
+QUANT_DECODE_CONFIGS = {"int8": DecodeConfig(128, 4, 4), "int4": DecodeConfig(128, 4, 4)}
 QUANT_CANDIDATES = [DecodeConfig(n, w, s) for n in (64, 128) for w in (4, 8) for s in (3, 4)]
 INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
 
