@@ -1,0 +1,74 @@
+"""The prefill -> decode KV wire format per KV format: PullKv's chunks (services/prefill/servicer.py)
+placed back by the decode side (services/decode/kv_transfer.py) give the exported pools byte for byte.
+
+The end-to-end pull over gRPC runs in tests/services/test_services.py (fp32) and, per format, in
+benchmarks/kv_formats_cpu.py; here every format's pool tensors (codes and scales for int8/int4) go
+through the same two functions, with chunks that split rows across messages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.errors import InvalidRequestError
+from runtime.kv_cache import pool_tensors
+from services.decode.kv_transfer import _place
+from services.prefill.servicer import _chunks
+
+WIDTH, HEAD_DIM, LAYERS, TOKENS = 192, 64, 3, 37
+
+
+def _exported(kv_format: str) -> list[tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(0)
+    layers = []
+    for _ in range(LAYERS):
+        tensors = []
+        for t in pool_tensors(kv_format, WIDTH, HEAD_DIM):
+            if np.issubdtype(t.dtype, np.integer):
+                info = np.iinfo(t.dtype)
+                tensors.append(
+                    rng.integers(info.min, info.max, (TOKENS, t.width), endpoint=True).astype(t.dtype)
+                )
+            else:
+                tensors.append(rng.standard_normal((TOKENS, t.width)).astype(t.dtype))
+        layers.append(tuple(tensors))
+    return layers
+
+
+@pytest.mark.parametrize("kv_format", ["fp32", "fp16", "int8", "int4"])
+def test_chunks_round_trip_every_pool_tensor(kv_format):
+    exported = _exported(kv_format)
+    pool = pool_tensors(kv_format, WIDTH, HEAD_DIM)
+    max_bytes = 1000  # a few rows per message, so every tensor spans several chunks
+    messages = [
+        chunk
+        for layer, tensors in enumerate(exported)
+        for part, array in enumerate(tensors)
+        for chunk in _chunks(layer, part, array, max_bytes)
+    ]
+    assert all(len(m.data) <= max(max_bytes, max(t.width * t.dtype.itemsize for t in pool)) for m in messages)
+    payload = sum(len(m.data) for m in messages)
+    assert payload == TOKENS * LAYERS * sum(t.width * t.dtype.itemsize for t in pool)
+    layers = [tuple(np.empty((TOKENS, t.width), t.dtype) for t in pool) for _ in range(LAYERS)]
+    filled = np.zeros((LAYERS, len(pool)), np.int64)
+    for message in reversed(messages):  # order does not matter
+        _place(message, layers, filled)
+    assert (filled == TOKENS).all()
+    for got, want in zip(layers, exported):
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w)
+
+
+def test_malformed_chunks_are_refused():
+    exported = _exported("int4")
+    pool = pool_tensors("int4", WIDTH, HEAD_DIM)
+    layers = [tuple(np.empty((TOKENS, t.width), t.dtype) for t in pool) for _ in range(LAYERS)]
+    filled = np.zeros((LAYERS, len(pool)), np.int64)
+    good = next(_chunks(0, 2, exported[0][2], 1 << 20))
+    bad_part = type(good)(layer=0, part=4, token_start=0, token_count=1, data=good.data[:12])
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        _place(bad_part, layers, filled)
+    short = type(good)(layer=0, part=2, token_start=0, token_count=TOKENS, data=good.data[:-2])
+    with pytest.raises(InvalidRequestError, match="malformed"):
+        _place(short, layers, filled)
