@@ -93,6 +93,7 @@ inline T from_f32(float x) {
 }
 #endif
 inline float to_f32(float x) { return x; }
+inline float to_f32(int8_t x) { return static_cast<float>(x); }
 static_assert(sizeof(half) == 2, "half must be 16-bit storage");
 
 // dst[0 : n] = src[0 : n] widened to fp32: 16 (AVX-512) or 8 (F16C) at a time on x86-64, else one by one.
@@ -249,18 +250,46 @@ inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 // Quantized codes. kVec int8 codes widened to fp32 (vpmovsxbd + vcvtdq2ps on x86-64, sxtl + scvtf on aarch64).
 typedef int8_t vbytes __attribute__((vector_size(kVec)));
 typedef int32_t vint __attribute__((vector_size(kVec * sizeof(int32_t))));
-inline vfloat vload(const int8_t* p) {
+// (g++ 12 lowers __builtin_convertvector from 16 bytes to scalar shifts and cvtsi2ss, ~4x slower than the
+// fp16 path: measured on AVX-512, so x86-64 widens with intrinsics.)
+inline vint widen_bytes(const int8_t* p) {
+  vint x;
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&x, &w, sizeof x);
+#elif defined(__AVX2__)
+  const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&x, &w, sizeof x);
+#else
   vbytes c;
   std::memcpy(&c, p, sizeof c);
-  return __builtin_convertvector(c, vfloat);
+  x = __builtin_convertvector(c, vint);
+#endif
+  return x;
 }
+inline vfloat to_vfloat(vint x) {
+  vfloat v;
+#if defined(__AVX512F__)
+  __m512i w;
+  std::memcpy(&w, &x, sizeof w);
+  const __m512 f = _mm512_cvtepi32_ps(w);
+  std::memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+  __m256i w;
+  std::memcpy(&w, &x, sizeof w);
+  const __m256 f = _mm256_cvtepi32_ps(w);
+  std::memcpy(&v, &f, sizeof v);
+#else
+  v = __builtin_convertvector(x, vfloat);
+#endif
+  return v;
+}
+inline vfloat vload(const int8_t* p) { return to_vfloat(widen_bytes(p)); }
 // kVec bytes of int4 codes: their low nibbles (even channels) and high nibbles (odd channels), sign-extended.
 inline void vload_nibbles(const uint8_t* p, vfloat& lo, vfloat& hi) {
-  vbytes c;
-  std::memcpy(&c, p, sizeof c);
-  const vint x = __builtin_convertvector(c, vint);  // the byte, sign-extended: its high nibble is x >> 4
-  lo = __builtin_convertvector((x << 28) >> 28, vfloat);
-  hi = __builtin_convertvector(x >> 4, vfloat);
+  const vint x = widen_bytes(reinterpret_cast<const int8_t*>(p));  // sign-extended: the high nibble is x >> 4
+  lo = to_vfloat((x << 28) >> 28);
+  hi = to_vfloat(x >> 4);
 }
 // Stores lo[0], hi[0], lo[1], hi[1], ... (2 * kVec values, channel order) times `scale`.
 template <size_t... I>
@@ -504,7 +533,7 @@ static_assert(kDecodeChunk % kVec == 0, "decode chunks are whole micro-kernel ca
 
 // Per-thread buffers of a work item, grown on demand and reused across calls.
 struct Scratch {
-  std::vector<float> qt, st, o, m, l, alpha, shift, rowsum, kbuf, vbuf, zero;
+  std::vector<float> qt, st, o, m, l, alpha, shift, rowsum, kbuf, vbuf, zero, pscaled;
   std::vector<int64_t> lo, hi;
   std::vector<const float*> krows, vrows;
 };
@@ -834,6 +863,13 @@ struct Job {
     for (int64_t i = nk; i < kDecodeChunk; ++i) out[i] = out[nk - 1];
   }
 
+  // Pointers to head h of the code rows of nk slots (int8 decode reads codes directly; the scales are applied
+  // to the scores and folded into P). Entries nk..kDecodeChunk repeat the last row, as in head_rows.
+  void code_rows(const C* pool, const int64_t* slots, int64_t nk, int64_t h, const C** out) const {
+    for (int64_t i = 0; i < nk; ++i) out[i] = pool + slots[i] * n.CW + h * n.D;
+    for (int64_t i = nk; i < kDecodeChunk; ++i) out[i] = out[nk - 1];
+  }
+
   // One query position s of row b, the query heads of KV heads [h0, h1), every key of [ka, kb) visible.
   // O [(h1 - h0) * G, D], m and l [(h1 - h0) * G] carry the online softmax (query head h0 * G + r is row r).
   // Each step reads kDecodeChunk token rows once, head after head, and prefetches the rows kPrefetchKeys
@@ -848,6 +884,7 @@ struct Job {
     float* buf = kQuantized<C> ? grow(sc.kbuf, kDecodeChunk * D) : nullptr;  // dequantized rows of one head
     int64_t slots[kDecodeChunk];
     const R* hrows[kDecodeChunk];
+    const C* crows[kDecodeChunk];  // int8: the code rows themselves (see code_rows)
 
     Prefetcher pf = prefetcher(c0, c1);
     pf.steps = heads * (kDecodeChunk / kVec + 1) + (h1 - h0);  // micro-kernel calls per chunk
@@ -860,6 +897,17 @@ struct Job {
       pf.start(*this, b, ahead, std::clamp<int64_t>(kb - ahead, 0, kDecodeChunk));
       key_slots(b, n0, nk, slots);
       for (int64_t h = h0; h < h1; ++h) {  // scores
+        if constexpr (std::is_same_v<C, int8_t>) {  // int8: dot the codes themselves, then scale each key
+          code_rows(k_pool, slots, nk, h, crows);
+          for (int64_t r = (h - h0) * G; r < (h - h0 + 1) * G; ++r) {
+            for (int64_t i = 0; i < nk; i += kVec) {
+              dots(qs + r * D, D, crows + i, p + r * kDecodeChunk + i);
+              pf.step();
+            }
+            for (int64_t i = 0; i < nk; ++i) p[r * kDecodeChunk + i] *= to_f32(k_scales[slots[i] * n.NS + h]);
+          }
+          continue;
+        }
         head_rows(k_pool, k_scales, slots, nk, h, buf, hrows);
         for (int64_t r = (h - h0) * G; r < (h - h0 + 1) * G; ++r)
           for (int64_t i = 0; i < nk; i += kVec) {
@@ -880,9 +928,19 @@ struct Job {
         pf.step();
       }
       for (int64_t h = h0; h < h1; ++h) {  // O += P V
-        head_rows(v_pool, v_scales, slots, nk, h, buf, hrows);
         const int64_t r = (h - h0) * G;
-        group_times_rows(pv_heads, G, p + r * kDecodeChunk, kDecodeChunk, hrows, D, nk, O + r * D);
+        if constexpr (std::is_same_v<C, int8_t>) {  // int8: V's per-token scales folded into P, codes read as is
+          float* ps = grow(sc.pscaled, G * kDecodeChunk);
+          for (int64_t i = 0; i < nk; ++i) {
+            const float vs = to_f32(v_scales[slots[i] * n.NS + h]);
+            for (int64_t g = 0; g < G; ++g) ps[g * kDecodeChunk + i] = p[(r + g) * kDecodeChunk + i] * vs;
+          }
+          code_rows(v_pool, slots, nk, h, crows);
+          group_times_rows(pv_heads, G, ps, kDecodeChunk, crows, D, nk, O + r * D);
+        } else {
+          head_rows(v_pool, v_scales, slots, nk, h, buf, hrows);
+          group_times_rows(pv_heads, G, p + r * kDecodeChunk, kDecodeChunk, hrows, D, nk, O + r * D);
+        }
         pf.step();
       }
       pf.issue(kDecodeChunk);
