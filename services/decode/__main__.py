@@ -51,8 +51,9 @@ async def serve(args) -> None:
     def drained() -> None:
         servicer.draining = True
         worker.stop()
-        if engine.backend.tensor_parallel is not None:  # the engine thread has ended: no step in flight
-            engine.backend.tensor_parallel.stop_followers()
+        tp = getattr(engine.backend, "tensor_parallel", None)  # only the torch backend shards
+        if tp is not None:  # the engine thread has ended: no step in flight
+            tp.stop_followers()
 
     await host.wait_for_stop(on_drained=drained)
 
