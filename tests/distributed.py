@@ -51,8 +51,12 @@ def _rank_main(rank: int, world: int, port: int, target, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         target(rank, world, *args)
+        dist.barrier()  # no rank tears its sockets down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: once in CI a rank that had finished its work aborted there
+    # ("terminate called without an active exception", a gloo thread destroyed while joinable).
+    os._exit(0)
 
 
 # -- a small random Llama and a few serving steps -----------------------------------------------------
