@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -563,6 +564,8 @@ class TorchBackend:
 
     def run(self, batch: StepBatch) -> np.ndarray:
         """One forward step; returns logits [B, L, V] float32 and leaves the pool updated."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this thread's current card (see _device)
         if self.tensor_parallel is not None and self.tensor_parallel.rank == 0:
             self.tensor_parallel.send_step(batch)  # the other ranks run the same step with their shards
         with torch.no_grad():
@@ -621,8 +624,16 @@ class HostView:
 
 
 def _device(name: str) -> torch.device:
+    """The configured device; a bare `cuda` becomes this rank's card under torchrun (LOCAL_RANK), and that
+    card becomes the calling thread's current device (CUDA's current device is per thread: a backend built
+    or stepped on a worker thread would otherwise put every rank on card 0)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device: cuda, but torch sees no CUDA device; set device: cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
