@@ -58,6 +58,63 @@ MAX_PARTIAL_ELEMENTS = 8192  # next_pow2(num_splits) * padded head_dim: what the
 
 
 @triton.jit
+def _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """This split's keys [start, end) of row b, and the row's past length."""
+    past = tl.load(PAST_LENS + b)
+    hi = tl.load(TOTAL_LENS + b)
+    if CAUSAL:
+        hi = tl.minimum(hi, past + seq_q)
+    start = split * kv_per_split
+    if HAS_WINDOW:
+        start = tl.maximum(start, past - window + 1)
+    end = tl.minimum((split + 1) * kv_per_split, hi)
+    return start, end, past
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Mask a tile of base-2 scores and advance the online softmax: (p, alpha, m_new, l_new)."""
+    visible = k_ok[None, :]
+    if CAUSAL:
+        visible &= pos_k[None, :] <= pos_q[:, None]
+    if HAS_WINDOW:
+        visible &= (pos_q[:, None] - pos_k[None, :]) < window
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_result(acc, cols, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split,
+                  rows, s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, STORE_STATS: tl.constexpr):  # fmt: skip
+    """acc holds output channels ``cols`` of the tile: a partial (the merge kernel's layout) or o. The
+    call with STORE_STATS also writes the rows' running max and sum (or the lse). The quantized kernels
+    (kernels/attention_triton_quant.py) store their two half-width int4 accumulators with two calls."""
+    col_ok = cols < HEAD_DIM
+    if SPLIT:
+        num_splits = tl.num_programs(1)
+        part_row = ((b64 * NUM_KV_HEADS + kv_h) * NUM_ROW_TILES * BLOCK_R + rows) * num_splits + split
+        tl.store(O_PART + part_row[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
+        if STORE_STATS:
+            tl.store(M_PART + part_row, m_i, mask=row_ok)
+            tl.store(L_PART + part_row, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_offs = b64 * stride_ob + s_idx[:, None] * stride_os + head[:, None] * HEAD_DIM + cols[None, :]
+        tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if RETURN_LSE and STORE_STATS:  # lse [B, S, Hq]
+            seen = l_i > 0.0
+            lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+            tl.store(LSE + (b64 * seq_q + s_idx) * (NUM_KV_HEADS * GROUP) + head, lse, mask=row_ok)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K_CACHE, V_CACHE, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, OUT, LSE, O_PART, M_PART, L_PART,
     stride_qb, stride_qs, stride_kb, stride_kt, stride_vb, stride_vt, stride_tb, stride_ob, stride_os,
@@ -81,14 +138,8 @@ def _decode_split_kernel(
     q_offs = b64 * stride_qb + s_idx[:, None] * stride_qs + head[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    past = tl.load(PAST_LENS + b)
-    hi = tl.load(TOTAL_LENS + b)
-    if CAUSAL:
-        hi = tl.minimum(hi, past + seq_q)
-    start = split * kv_per_split
-    if HAS_WINDOW:
-        start = tl.maximum(start, past - window + 1)
-    end = tl.minimum((split + 1) * kv_per_split, hi)
+    start, end, past = _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAUSAL,
+                                  HAS_WINDOW)  # fmt: skip
     pos_q = past + s_idx
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -109,34 +160,12 @@ def _decode_split_kernel(
             V_CACHE + block[:, None] * stride_vb + slot[:, None] * stride_vt + col, mask=kv_ok, other=0.0
         )
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = k_ok[None, :]
-        if CAUSAL:
-            visible &= pos_k[None, :] <= pos_q[:, None]
-        if HAS_WINDOW:
-            visible &= (pos_q[:, None] - pos_k[None, :]) < window
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
 
-    if SPLIT:  # partials [B * Hkv * rows, num_splits, (BLOCK_D)], rows = row_tile * BLOCK_R + r
-        num_splits = tl.num_programs(1)
-        part_row = ((b64 * NUM_KV_HEADS + kv_h) * NUM_ROW_TILES * BLOCK_R + rows) * num_splits + split
-        tl.store(M_PART + part_row, m_i, mask=row_ok)
-        tl.store(L_PART + part_row, l_i, mask=row_ok)
-        tl.store(O_PART + part_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_offs = b64 * stride_ob + s_idx[:, None] * stride_os + head[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        if RETURN_LSE:  # lse [B, S, Hq]
-            seen = l_i > 0.0
-            lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-            tl.store(LSE + (b64 * seq_q + s_idx) * (NUM_KV_HEADS * GROUP) + head, lse, mask=row_ok)
+    _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
+                  s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
+                  HEAD_DIM, BLOCK_D, BLOCK_R, SPLIT, RETURN_LSE, True)  # fmt: skip
 
 
 @triton.jit
