@@ -5,6 +5,8 @@ The quantized formats' arithmetic is specified in kernels/kv_quant.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 KV_QUANT_FORMATS = {"int8": (8, 127), "int4": (4, 7)}  # format -> (bits, qmax)
 INT4_GROUP = 32  # int4 scales cover 32 channels; int8 scales one head
 
@@ -17,3 +19,132 @@ def group_size(kv_format: str, head_dim: int) -> int:
 def code_width(kv_format: str, width: int) -> int:
     """Bytes of codes per token row of `width` channels."""
     return width if kv_format == "int8" else width // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# SAQ staircase as a served format (kernels/kv_saq.py specifies the arithmetic)
+
+SAQ_FORMAT = "saq"
+SAQ_DEFAULT = "8:1,4:4,2;stage=64;v_group=32"
+
+
+@dataclass(frozen=True)
+class SaqFormat:
+    """A staircase: closed stages of `stage` tokens step down `stairs` [(bits, stages), ..., (bits, 0)]
+    as they age; the newest (open) stage stays fp16. One token's K (and V) row has `width` channels.
+
+    Memory, per layer (uint8 arrays; fp16 fields little-endian inside them):
+      pool  [num_blocks, block_bytes]: one record per block of the bottom stair (paged: block table)
+      slots [num_slots, slot_bytes]:   per sequence, the open stage's K and V (fp16 [stage, width] each),
+                                       then each upper stair's ring of `count` records; logical stage j
+                                       of stair i lives in ring entry j % count
+    A record holds one closed stage at `bits`: fp16 k_lo[width], k_scale[width] (K per channel over
+    the stage's tokens), fp16 v_lo[stage, width / v_group], v_scale[same] (V per token per group), then
+    uint8 k_codes[stage, width * bits / 8], v_codes[same] (codes packed along channels, first channel
+    in the low bits). value = lo + code * scale.
+    """
+
+    stairs: tuple[tuple[int, int], ...]
+    stage: int
+    v_group: int
+    width: int
+
+    @classmethod
+    def parse(cls, spec: str, width: int) -> SaqFormat:
+        """'8:1,4:4,2;stage=64;v_group=32' (any part after the stairs optional)."""
+        stairs_text, *options = [p.strip() for p in (spec or SAQ_DEFAULT).split(";")]
+        values = {"stage": 64, "v_group": 32}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in values or not value.strip().isdigit():
+                raise ValueError(f"SAQ option {option!r}: use stage=N or v_group=N")
+            values[key] = int(value)
+        parts = [p.strip() for p in stairs_text.split(",")]
+        stairs = []
+        for i, part in enumerate(parts):
+            bits, _, count = part.partition(":")
+            try:
+                stairs.append((int(bits), int(count) if count else 0))
+            except ValueError:
+                raise ValueError(f"SAQ stair {part!r}: write BITS:STAGES (e.g. 8:1), the last one BITS") from None
+            if (i < len(parts) - 1) != (stairs[-1][1] > 0):
+                raise ValueError(
+                    f"SAQ stairs {stairs_text!r}: every stair but the last needs BITS:STAGES (stages >= 1), "
+                    "the last one is BITS alone (it holds all older stages)"
+                )
+        fmt = cls(tuple(stairs), values["stage"], values["v_group"], width)
+        fmt.validate()
+        return fmt
+
+    def validate(self) -> None:
+        widths = [bits for bits, _ in self.stairs]
+        if any(b not in (8, 4, 2) for b in widths):
+            raise ValueError(f"SAQ stair widths {widths}: each must be 8, 4 or 2 bits")
+        if widths != sorted(widths, reverse=True):
+            raise ValueError(f"SAQ stair widths {widths} must not increase with age")
+        if self.stage < 8 or self.stage % 8:
+            raise ValueError(f"SAQ stage of {self.stage} tokens: use a multiple of 8")
+        if self.v_group < 1 or self.width % self.v_group:
+            raise ValueError(f"SAQ v_group {self.v_group} must divide the KV width {self.width}")
+        if self.width % 4:
+            raise ValueError(f"SAQ needs a KV width divisible by 4, not {self.width}")
+
+    def text(self) -> str:
+        stairs = ",".join(f"{b}:{c}" if c else str(b) for b, c in self.stairs)
+        return f"{stairs};stage={self.stage};v_group={self.v_group}"
+
+    @property
+    def stairs_text(self) -> str:
+        return ",".join(f"{b}:{c}" if c else str(b) for b, c in self.stairs)
+
+    # -- byte layout -------------------------------------------------------------------------------
+
+    def record_fields(self, bits: int) -> dict[str, tuple[int, int]]:
+        """Field -> (byte offset, bytes) inside one record at `bits`."""
+        W, S = self.width, self.stage
+        sizes = [
+            ("k_lo", 2 * W),
+            ("k_scale", 2 * W),
+            ("v_lo", 2 * S * (W // self.v_group)),
+            ("v_scale", 2 * S * (W // self.v_group)),
+            ("k_codes", S * W * bits // 8),
+            ("v_codes", S * W * bits // 8),
+        ]
+        fields, offset = {}, 0
+        for name, size in sizes:
+            fields[name] = (offset, size)
+            offset += size
+        return fields
+
+    def record_bytes(self, bits: int) -> int:
+        offset, size = self.record_fields(bits)["v_codes"]
+        return offset + size
+
+    @property
+    def block_bytes(self) -> int:
+        """One record of the bottom stair: a paged block."""
+        return self.record_bytes(self.stairs[-1][0])
+
+    @property
+    def tail_bytes(self) -> int:
+        """The open stage's K or V: fp16 [stage, width]."""
+        return 2 * self.stage * self.width
+
+    def ring_offset(self, stair: int) -> int:
+        """Byte offset of stair `stair`'s ring inside a slot (stairs above the bottom one)."""
+        offset = 2 * self.tail_bytes
+        for bits, count in self.stairs[:stair]:
+            offset += count * self.record_bytes(bits)
+        return offset
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.ring_offset(len(self.stairs) - 1)
+
+    def stair_of_age(self, age: int) -> int:
+        """Stair index of a closed stage `age` stages old (0 = the newest closed stage)."""
+        for i, (_, count) in enumerate(self.stairs):
+            if count == 0 or age < count:
+                return i
+            age -= count
+        return len(self.stairs) - 1

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.kv_formats import SaqFormat
+
 __all__ = ["SaqSchedule", "SaqCache", "quantize_asym", "dequantize_asym"]
 
 
@@ -244,3 +246,154 @@ def attend(q, k_new, v_new, cache: SaqCache, num_heads: int, num_kv_heads: int) 
     rows = torch.arange(past, past + S).unsqueeze(1)
     scores = scores.masked_fill(torch.arange(T).unsqueeze(0) > rows, float("-inf"))
     return (scores.softmax(-1) @ vh).transpose(0, 1).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The served format: the FlashAttention node over a paged staircase (kernels/kv_formats.SaqFormat)
+
+
+def _field(record: torch.Tensor, fmt: SaqFormat, bits: int, name: str, dtype=torch.float16) -> torch.Tensor:
+    offset, size = fmt.record_fields(bits)[name]
+    return record[offset : offset + size].view(dtype)
+
+
+def encode_record(k: torch.Tensor, v: torch.Tensor, fmt: SaqFormat, bits: int) -> torch.Tensor:
+    """One closed stage (K, V float [stage, width]) -> its record, uint8 [fmt.record_bytes(bits)]."""
+    k_codes, k_lo, k_scale = quantize_asym(k, bits, dim=0)
+    v_codes, v_lo, v_scale = quantize_asym(v.unflatten(-1, (-1, fmt.v_group)), bits, dim=-1)
+    parts = {
+        "k_lo": k_lo.reshape(-1), "k_scale": k_scale.reshape(-1),
+        "v_lo": v_lo.reshape(-1), "v_scale": v_scale.reshape(-1),
+        "k_codes": _pack(k_codes, bits).reshape(-1), "v_codes": _pack(v_codes.flatten(-2), bits).reshape(-1),
+    }  # fmt: skip
+    record = torch.zeros(fmt.record_bytes(bits), dtype=torch.uint8)
+    for name, tensor in parts.items():
+        offset, size = fmt.record_fields(bits)[name]
+        record[offset : offset + size] = tensor.contiguous().view(torch.uint8)
+    return record
+
+
+def decode_record(record: torch.Tensor, fmt: SaqFormat, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A record -> (K, V) float32 [stage, width]: lo + code * scale."""
+    S, W, g = fmt.stage, fmt.width, fmt.v_group
+    k_codes = _unpack(_field(record, fmt, bits, "k_codes", torch.uint8).view(S, -1), bits)
+    v_codes = _unpack(_field(record, fmt, bits, "v_codes", torch.uint8).view(S, -1), bits)
+    k = dequantize_asym(k_codes, _field(record, fmt, bits, "k_lo"), _field(record, fmt, bits, "k_scale"))
+    v_lo = _field(record, fmt, bits, "v_lo").view(S, W // g, 1)
+    v_scale = _field(record, fmt, bits, "v_scale").view(S, W // g, 1)
+    v = dequantize_asym(v_codes.view(S, W // g, g), v_lo, v_scale).flatten(-2)
+    return k, v
+
+
+class _SlotView:
+    """Where each closed stage of one sequence lives: a ring entry of its slot, or a paged block."""
+
+    def __init__(self, pool: torch.Tensor, slots: torch.Tensor, slot: int, table: torch.Tensor, fmt: SaqFormat):
+        self.pool, self.slot, self.table, self.fmt = pool, slots[slot], table, fmt
+
+    def record(self, stair: int, stage: int) -> torch.Tensor:
+        """The bytes (a view) of logical stage `stage` on stair `stair`."""
+        bits, count = self.fmt.stairs[stair]
+        if stair == len(self.fmt.stairs) - 1:
+            return self.pool[int(self.table[stage])]
+        size = self.fmt.record_bytes(bits)
+        offset = self.fmt.ring_offset(stair) + (stage % count) * size
+        return self.slot[offset : offset + size]
+
+    def tail(self, which: int) -> torch.Tensor:
+        """fp16 [stage, width] view of the open stage's K (0) or V (1)."""
+        size = self.fmt.tail_bytes
+        return self.slot[which * size : (which + 1) * size].view(torch.float16).view(self.fmt.stage, -1)
+
+    def close(self, stage: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Logical stage `stage` closes with (k, v) [stage, width]: older stages leaving a stair move one
+        down (bottom first, so each ring entry is free before it is written), then the new one takes
+        the top stair. A move re-quantizes what the stage holds; equal widths copy the bytes."""
+        fmt, top = self.fmt, len(self.fmt.stairs) - 1
+        first_age = [sum(c for _, c in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
+        for i in range(top - 1, -1, -1):
+            leaving = stage - first_age[i] - fmt.stairs[i][1]  # its age becomes first_age[i + 1]
+            if leaving < 0:
+                continue
+            src, dst = self.record(i, leaving), self.record(i + 1, leaving)
+            (bits, _), (low, _) = fmt.stairs[i], fmt.stairs[i + 1]
+            dst.copy_(src if bits == low else encode_record(*decode_record(src, fmt, bits), fmt, low))
+        self.record(0, stage).copy_(encode_record(k, v, fmt, fmt.stairs[0][0]))
+
+    def keys_values(self, closed: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V float32 [past, width] of positions [0, past) as the cache holds them: closed stages
+        dequantized from their stair, the open stage's fp16 rows."""
+        ks, vs = [], []
+        for j in range(closed):
+            bits = self.fmt.stairs[self.fmt.stair_of_age(closed - 1 - j)][0]
+            k, v = decode_record(self.record(self.fmt.stair_of_age(closed - 1 - j), j), self.fmt, bits)
+            ks.append(k)
+            vs.append(v)
+        rows = past - closed * self.fmt.stage
+        ks.append(self.tail(0)[: max(rows, 0)].float())
+        vs.append(self.tail(1)[: max(rows, 0)].float())
+        return torch.cat(ks)[:past], torch.cat(vs)[:past]
+
+
+def paged_attention_saq_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    past_lens: torch.Tensor,
+    total_lens: torch.Tensor,
+    seq_slots: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    fmt: SaqFormat,
+    causal: bool = True,
+    sliding_window: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FlashAttention node with an SAQ staircase cache. q [B, S, Hq * D], k/v [B, S, width]; row b's
+    first total - past tokens are new (positions past..total-1), the rest padding (not written).
+    kv_pool uint8 [NB, fmt.block_bytes] (bottom stair, block_table [B, max_blocks] names logical stage
+    j's block), kv_slots uint8 [NS, fmt.slot_bytes] (row b's slot: seq_slots[b]).
+
+    Write: the open stage's earlier rows (the slot's tail) and the new tokens are one run from the first
+    open position; every stage the run completes closes (`_SlotView.close`), the rest becomes the tail.
+    Read: positions >= past use the new K/V as given (rounded to fp16, as the tail holds them);
+    positions < past the cache as it was before this call's write (so a kernel attends, then writes). Returns (o, kv_pool, kv_slots) (copies)."""
+    B, S, _ = q.shape
+    D = q.shape[-1] // num_heads
+    kv_pool, kv_slots = kv_pool.clone(), kv_slots.clone()
+    out = torch.zeros(B, S, num_heads * D, dtype=torch.float32)
+    for b in range(B):
+        past, total = int(past_lens[b]), int(total_lens[b])
+        view = _SlotView(kv_pool, kv_slots, int(seq_slots[b]), block_table[b], fmt)
+        k_new, v_new = k[b, : total - past].half().float(), v[b, : total - past].half().float()
+        first = past // fmt.stage
+        old_k, old_v = view.keys_values(first, past)
+        run_k = torch.cat([view.tail(0)[: past - first * fmt.stage].float(), k_new])
+        run_v = torch.cat([view.tail(1)[: past - first * fmt.stage].float(), v_new])
+        closed = total // fmt.stage
+        for j in range(first, closed):
+            rows = slice((j - first) * fmt.stage, (j - first + 1) * fmt.stage)
+            view.close(j, run_k[rows], run_v[rows])
+        rest = total - closed * fmt.stage
+        if rest:
+            view.tail(0)[:rest] = run_k[-rest:].half()
+            view.tail(1)[:rest] = run_v[-rest:].half()
+        keys = torch.cat([old_k, k_new]).view(total, num_kv_heads, D).transpose(0, 1)  # [Hkv, T, D]
+        values = torch.cat([old_v, v_new]).view(total, num_kv_heads, D).transpose(0, 1)
+        qb = q[b].float().view(S, num_kv_heads, num_heads // num_kv_heads, D).permute(1, 2, 0, 3)
+        scores = torch.einsum("hgsd,htd->hgst", qb, keys) * scale
+        pos = torch.arange(S).view(S, 1) + past
+        key = torch.arange(total).view(1, total)
+        visible = torch.ones(S, total, dtype=torch.bool)
+        if causal:
+            visible &= key <= pos
+        if sliding_window > 0:
+            visible &= pos - key < sliding_window
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+        ob = torch.einsum("hgst,htd->hgsd", probs, values).reshape(num_heads, S, D)
+        out[b] = ob.transpose(0, 1).reshape(S, num_heads * D)
+    return out.to(q.dtype), kv_pool, kv_slots

@@ -1,0 +1,94 @@
+"""The served SAQ staircase (kernels/kv_formats.SaqFormat, kernels/kv_saq.paged_attention_saq_ref): the
+paged op's spec agrees with the per-sequence staircase cache, and its byte layout is what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.kv_formats import SaqFormat
+from kernels.kv_saq import SaqCache, SaqSchedule, attend, decode_record, encode_record, paged_attention_saq_ref
+
+HQ, HKV, D = 4, 2, 32
+W = HKV * D
+
+
+def _pools(fmt: SaqFormat, blocks: int, slots: int):
+    return torch.zeros(blocks, fmt.block_bytes, dtype=torch.uint8), torch.zeros(slots, fmt.slot_bytes, dtype=torch.uint8)
+
+
+def test_parse_layout_and_errors():
+    fmt = SaqFormat.parse("8:1,4:4,2;stage=64;v_group=32", 192)
+    assert fmt.stairs == ((8, 1), (4, 4), (2, 0)) and fmt.text() == "8:1,4:4,2;stage=64;v_group=32"
+    # record: fp16 K lo/scale per channel, V lo/scale per token per group, then the codes
+    assert fmt.record_bytes(2) == 4 * 192 + 4 * 64 * 6 + 2 * 64 * 192 * 2 // 8
+    assert fmt.slot_bytes == 2 * 2 * 64 * 192 + fmt.record_bytes(8) + 4 * fmt.record_bytes(4)
+    assert [fmt.stair_of_age(a) for a in range(7)] == [0, 1, 1, 1, 1, 2, 2]
+    assert SaqFormat.parse("4", 192).slot_bytes == 2 * 2 * 64 * 192  # one stair: only the open stage
+    for spec, message in (("8:1,3", "8, 4 or 2"), ("4:1,8", "must not increase"), ("8,2", "BITS:STAGES"),
+                          ("8:1,2;stage=12", "multiple of 8"), ("4;v_group=50", "divide"), ("4;x=1", "stage=N")):
+        with pytest.raises(ValueError, match=message):
+            SaqFormat.parse(spec, 192)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_record_round_trip(bits):
+    fmt = SaqFormat.parse(f"{bits};stage=16;v_group=16", W)
+    g = torch.Generator().manual_seed(bits)
+    k = torch.randn(16, W, generator=g) * torch.linspace(0.1, 5, W)
+    v = torch.randn(16, W, generator=g)
+    record = encode_record(k, v, fmt, bits)
+    assert record.shape == (fmt.record_bytes(bits),)
+    k2, v2 = decode_record(record, fmt, bits)
+    levels = (1 << bits) - 1
+    assert ((k2 - k).abs() <= (k.amax(0) - k.amin(0)) / levels * 0.51 + 1e-2).all()
+    assert torch.equal(encode_record(k2, v2, fmt, bits), record)  # re-quantizing the same bits is stable
+
+
+@pytest.mark.parametrize("chunks", [[1] * 70, [5, 11, 16, 1, 1, 30, 3, 1, 2]])
+def test_paged_op_matches_the_staircase_cache(chunks):
+    """Token by token and in odd chunks: the op's outputs equal SaqCache + attend (same stairs, no sink,
+    no rotation), and the bytes it keeps hold the same stages."""
+    stage = 8
+    fmt = SaqFormat.parse(f"8:1,4:2,2;stage={stage};v_group=16", W)
+    cache = SaqCache(SaqSchedule.parse("8:1,4:2,2", stage=stage, v_group=16), W, torch.float16, D)
+    g = torch.Generator().manual_seed(1)
+    n = sum(chunks)
+    q = torch.randn(n, HQ * D, generator=g)
+    k = torch.randn(n, W, generator=g) * torch.linspace(0.2, 3, W)
+    v = torch.randn(n, W, generator=g)
+    pool, slots = _pools(fmt, 12, 3)
+    table = torch.tensor([[7, 3, 9, 1, 2, 4, 5, 6, 8, 10]])  # any blocks: the table names them
+    past = 0
+    for c in chunks:
+        rows = slice(past, past + c)
+        want = attend(q[rows], k[rows], v[rows], cache, HQ, HKV)
+        cache.append(k[rows], v[rows])
+        o, pool, slots = paged_attention_saq_ref(
+            q[None, rows], k[None, rows], v[None, rows], pool, slots, table,
+            torch.tensor([past]), torch.tensor([past + c]), torch.tensor([2]),
+            num_heads=HQ, num_kv_heads=HKV, scale=D**-0.5, fmt=fmt,
+        )  # fmt: skip
+        torch.testing.assert_close(o[0], want, atol=1e-5, rtol=1e-5)
+        past += c
+    assert not slots[:2].any() and not slots[0].any()  # other slots untouched
+
+
+def test_padding_rows_and_other_sequences_untouched():
+    fmt = SaqFormat.parse("4:2,2;stage=8;v_group=32", W)
+    g = torch.Generator().manual_seed(2)
+    pool, slots = _pools(fmt, 8, 3)
+    q, k, v = torch.randn(2, 20, HQ * D, generator=g), torch.randn(2, 20, W, generator=g), torch.randn(2, 20, W, generator=g)
+    table = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    _, pool1, slots1 = paged_attention_saq_ref(
+        q, k, v, pool, slots, table, torch.tensor([0, 0]), torch.tensor([20, 9]), torch.tensor([1, 2]),
+        num_heads=HQ, num_kv_heads=HKV, scale=0.2, fmt=fmt,
+    )  # fmt: skip
+    k2 = k.clone()
+    k2[1, 9:] = 1e4  # padding of row 1: never written
+    _, pool2, slots2 = paged_attention_saq_ref(
+        q, k2, v, pool, slots, table, torch.tensor([0, 0]), torch.tensor([20, 9]), torch.tensor([1, 2]),
+        num_heads=HQ, num_kv_heads=HKV, scale=0.2, fmt=fmt,
+    )  # fmt: skip
+    assert torch.equal(pool1, pool2) and torch.equal(slots1, slots2)
+    assert not pool1[[0, 7]].any() and not slots1[0].any()  # scratch block/slot and unused block untouched
