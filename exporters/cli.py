@@ -3,6 +3,7 @@
     export-model                          # the embedded SmolLM2-135M-Instruct GGUF
     export-model model.gguf --out artifacts/mine
     export-model hf_dir/ --dtype fp16 --weights int4
+    export-model --kv-dtype saq --kv-saq "8:1,4:4,2;stage=64;v_group=32"
 
 Exit status 0 on success; 2 with a one-line message saying what to change on any user error.
 """
@@ -15,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from kernels.kv_formats import SAQ_DEFAULT
 from runtime.errors import EdgeError
 
 DEFAULT_OUT = Path("artifacts/smollm2-135m-instruct")
@@ -50,8 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=["auto", "fp32", "fp16", "int8", "int4"],
-        help="KV cache storage (auto: as --dtype; int8/int4: quantized per token, see kernels/kv_quant.py)",
+        choices=["auto", "fp32", "fp16", "int8", "int4", "saq"],
+        help="KV cache storage (auto: as --dtype; int8/int4: quantized per token, see kernels/kv_quant.py; "
+        "saq: the staircase of --kv-saq, fewer bits as tokens age, see kernels/kv_saq.py)",
+    )
+    p.add_argument(
+        "--kv-saq",
+        metavar="SPEC",
+        help="with --kv-dtype saq: the stairs BITS:STAGES,...,BITS, then ;KEY=N options (stage, v_group, "
+        "...: kernels/kv_formats.SaqFormat.parse), e.g. '8:1,4:4,2;stage=64;v_group=32' "
+        f"(default {SAQ_DEFAULT!r})",
     )
     p.add_argument(
         "--weights",
@@ -83,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (
             DEFAULT_OUT if args.checkpoint is None else Path("artifacts") / source.stem.lower()
         )
+        if args.kv_saq is not None and args.kv_dtype != "saq":
+            raise ValueError(f"--kv-saq applies to --kv-dtype saq, not {args.kv_dtype}")
         options = ExportOptions(
             dtype=args.dtype,
             kv_dtype=args.kv_dtype,
+            kv_saq=SAQ_DEFAULT if args.kv_saq is None else args.kv_saq,
             weights=args.weights,
             compute=args.compute,
             progress=not args.quiet,

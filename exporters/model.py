@@ -6,9 +6,10 @@ One module, two forwards:
   attention (`kernels.reference.attention_ref`), no cache. This is the fp32 reference the exported
   graph is tested against.
 - `forward(...)`: the serving graph's signature. Rows of new tokens attend over a paged KV pool
-  through one `fastattention::FlashAttention` op per layer (contract: `kernels/reference.py`);
-  during ONNX export that op becomes a single custom-domain node, in eager mode it runs the
-  reference. One graph serves prefill, decode and mixed batches.
+  through one `fastattention::FlashAttention` op per layer (contract: `kernels/reference.py`;
+  quantized pools: `kernels/kv_quant.py`), or `fastattention::FlashAttentionSaq` for the SAQ
+  staircase (`kernels/kv_saq.py`); during ONNX export that op becomes a single custom-domain node,
+  in eager mode it runs the reference. One graph serves prefill, decode and mixed batches.
 
 Linear weights are dense, or kept as 32-value blocks (`BlockQuant`) that export to
 `com.microsoft::MatMulNBits`: Q4_0 and Q8_0 map onto it exactly; Q4_1's per-block minimum m adds
@@ -23,13 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporters.checkpoint import QUANT_BLOCK, BlockQuant, ModelConfig
-from kernels.kv_formats import KV_QUANT_FORMATS
+from kernels.kv_formats import KV_QUANT_FORMATS, SAQ_DEFAULT, SAQ_FORMAT, SaqFormat
 from kernels.kv_quant import paged_attention_quant_ref
+from kernels.kv_saq import paged_attention_saq_ref
 from kernels.reference import attention_ref, paged_attention_ref
 
 ATTENTION_DOMAIN = "fastattention"
 ATTENTION_OP = "FlashAttention"
 ATTENTION_OP_VERSION = 1
+SAQ_ATTENTION_OP = "FlashAttentionSaq"  # same domain and version; no ONNX function body (kernels only)
 KV_FORMATS = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
@@ -215,28 +218,40 @@ def hadamard(n: int) -> torch.Tensor | None:
 
 
 class PagedKV:
-    """The per-step inputs that place new tokens in the paged pool (see kernels/reference.py)."""
+    """The per-step inputs that place new tokens in the paged pool (see kernels/reference.py);
+    seq_slots [B] int32: each row's SAQ slot (kernels/kv_saq.py), None for other formats."""
 
-    def __init__(self, block_table, slot_mapping, past_lens, total_lens) -> None:
+    def __init__(self, block_table, slot_mapping, past_lens, total_lens, seq_slots=None) -> None:
         self.block_table = block_table
         self.slot_mapping = slot_mapping
         self.past_lens = past_lens
         self.total_lens = total_lens
+        self.seq_slots = seq_slots
 
 
 class Attention(nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int, kv_format: str
+        self,
+        config: ModelConfig,
+        weights: dict,
+        dtype: torch.dtype,
+        accuracy_level: int,
+        kv_format: str,
+        saq: SaqFormat | None = None,
     ) -> None:
         super().__init__()
-        self.kv_format = kv_format  # a quantized format (kernels/kv_quant.py), or "" when the pool is float
-        if kv_format:  # K's per-channel means, subtracted before quantizing (set by calibration)
-            width = config.num_kv_heads * config.head_dim
-            self.register_buffer("k_mean", torch.zeros(width, dtype=dtype))
+        self.kv_format = kv_format  # quantized (kernels/kv_quant.py), "saq", or "" when the pool is float
+        self.saq = saq  # the staircase's layout when kv_format is "saq"
+        if kv_format in KV_QUANT_FORMATS:  # K's per-channel means, subtracted before quantizing (calibration)
+            self.register_buffer("k_mean", torch.zeros(config.num_kv_heads * config.head_dim, dtype=dtype))
+        if kv_format:
             # q and k rotated per head by an orthonormal Hadamard matrix (scores unchanged: q.k = qH.kH):
-            # it spreads K's outlier channels over the head, so per-token scales fit every channel
+            # it spreads K's outlier channels over the head, so per-token scales fit every channel.
+            # SAQ rotates v too (v' = vH, so o' = P v' = oH and o = o'H^T): its per-token groups of V
+            # see no outlier channel either.
             rotation = hadamard(config.head_dim)
-            self.register_buffer("k_rotation", None if rotation is None else rotation.to(dtype))
+            self.register_buffer("rotation", None if rotation is None else rotation.to(dtype))
+        self.rotate_v = kv_format == SAQ_FORMAT and getattr(self, "rotation", None) is not None
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -246,26 +261,39 @@ class Attention(nn.Module):
         self.qkv = FusedLinear([weights[n] for n in "qkv"], dtype, accuracy_level)
         self.o = Linear(weights["o"], dtype, accuracy_level)
 
+    def _rotate(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H * D] times `rotation` [D, D], per head."""
+        return torch.matmul(x.unflatten(-1, (-1, self.head_dim)), rotation).flatten(-2)
+
     def project(self, x, rope: Rope):
-        """q [B, S, Hq*D], k and v [B, S, Hkv*D], RoPE applied (and, for a quantized cache, the rotation)."""
+        """q [B, S, Hq*D], k and v [B, S, Hkv*D], RoPE applied (and, for a quantized or SAQ cache, the
+        rotation of q and k; SAQ rotates v too: `output` rotates the attention output back)."""
         q, k, v = self.qkv(x)
         q, k = rope(q, self.num_heads), rope(k, self.num_kv_heads)
-        if getattr(self, "k_rotation", None) is not None:
-            q, k = (
-                torch.matmul(t.unflatten(-1, (-1, self.head_dim)), self.k_rotation).flatten(-2)
-                for t in (q, k)
-            )
+        if getattr(self, "rotation", None) is not None:
+            q, k = self._rotate(q, self.rotation), self._rotate(k, self.rotation)
+        if self.rotate_v:
+            v = self._rotate(v, self.rotation)
         return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The o projection of the attention output [B, S, Hq*D], un-rotated first when v was rotated."""
+        if self.rotate_v:
+            out = self._rotate(out, self.rotation.T)
+        return self.o(out)
 
     def forward_dense(self, x, rope: Rope) -> torch.Tensor:
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, -1, self.head_dim).transpose(1, 2) for t in self.project(x, rope))
         out = attention_ref(q, k, v, sliding_window=self.sliding_window)
-        return self.o(out.transpose(1, 2).flatten(2))
+        return self.output(out.transpose(1, 2).flatten(2))
 
     def forward(self, x, rope: Rope, k_cache, v_cache, kv: PagedKV, scales=None):
         """Float pools: (o, k_cache, v_cache). Quantized pools (scales = (k_scale, v_scale)):
-        (o, k_codes, v_codes, k_scale, v_scale)."""
+        (o, k_codes, v_codes, k_scale, v_scale). SAQ: k_cache and v_cache are the layer's kv_pool and
+        kv_slots: (o, kv_pool, kv_slots)."""
+        if self.kv_format == SAQ_FORMAT:
+            return self._forward_saq(x, rope, k_cache, v_cache, kv)
         if scales is not None:
             return self._forward_quantized(x, rope, k_cache, v_cache, kv, scales)
         q, k, v = self.project(x, rope)
@@ -319,7 +347,37 @@ class Attention(nn.Module):
         else:
             attrs["causal"] = True
             out, *pools = paged_attention_quant_ref(*inputs, **attrs)
-        return (self.o(out), *pools)
+        return (self.output(out), *pools)
+
+    def _forward_saq(self, x, rope: Rope, kv_pool, kv_slots, kv: PagedKV):
+        q, k, v = self.project(x, rope)
+        inputs = (q, k, v, kv_pool, kv_slots, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+        inputs += (kv.seq_slots,)
+        attrs = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            scale=float(self.head_dim**-0.5),
+            causal=1,
+            sliding_window=self.sliding_window,
+            kv_format=SAQ_FORMAT,
+            saq=self.saq.text(),
+        )
+        if torch.onnx.is_in_onnx_export():
+            out, kv_pool, kv_slots = torch.onnx.ops.symbolic_multi_out(
+                f"{ATTENTION_DOMAIN}::{SAQ_ATTENTION_OP}",
+                inputs,
+                attrs,
+                dtypes=(q.dtype, kv_pool.dtype, kv_slots.dtype),
+                shapes=(q.shape, kv_pool.shape, kv_slots.shape),
+                version=ATTENTION_OP_VERSION,
+            )
+        else:
+            del attrs["kv_format"], attrs["saq"]
+            attrs.update(causal=True, fmt=self.saq)
+            out, kv_pool, kv_slots = paged_attention_saq_ref(
+                q, k, v, kv_pool, kv_slots, kv.block_table, kv.past_lens, kv.total_lens, kv.seq_slots, **attrs
+            )  # slot_mapping is the node's input only so that every format's graph has the same inputs
+        return self.output(out), kv_pool, kv_slots
 
 
 class MLP(nn.Module):
@@ -335,11 +393,17 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: dict, dtype: torch.dtype, accuracy_level: int, kv_format: str
+        self,
+        config: ModelConfig,
+        weights: dict,
+        dtype: torch.dtype,
+        accuracy_level: int,
+        kv_format: str,
+        saq: SaqFormat | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(weights["attn_norm"], config.rms_norm_eps, dtype)
-        self.attn = Attention(config, weights, dtype, accuracy_level, kv_format)
+        self.attn = Attention(config, weights, dtype, accuracy_level, kv_format, saq)
         self.mlp_norm = RMSNorm(weights["mlp_norm"], config.rms_norm_eps, dtype)
         self.mlp = MLP(weights, dtype, accuracy_level)
 
@@ -348,7 +412,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def forward(self, x, rope: Rope, pool: list[torch.Tensor], kv: PagedKV):
-        """pool: [k, v] (float) or [k_codes, v_codes, k_scale, v_scale]; returns (x, updated pool)."""
+        """pool: [k, v] (float), [k_codes, v_codes, k_scale, v_scale] or [kv_pool, kv_slots] (SAQ);
+        returns (x, updated pool)."""
         if len(pool) == 2:
             h, *pool = self.attn(self.attn_norm(x), rope, pool[0], pool[1], kv)
         else:
@@ -370,16 +435,22 @@ class Llama(nn.Module):
         dtype: torch.dtype = torch.float32,
         accuracy_level: int = 0,
         kv_format: str = "",
+        kv_saq: str = SAQ_DEFAULT,
     ) -> None:
-        """kv_format: a quantized KV format (kernels/kv_quant.py), or "" for float pools."""
+        """kv_format: a quantized KV format (kernels/kv_quant.py), "saq" (the staircase `kv_saq`, see
+        kernels/kv_formats.SaqFormat.parse), or "" for float pools."""
         super().__init__()
-        if kv_format and kv_format not in KV_QUANT_FORMATS:
-            raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(KV_QUANT_FORMATS)}")
+        formats = (*KV_QUANT_FORMATS, SAQ_FORMAT)
+        if kv_format and kv_format not in formats:
+            raise ValueError(f"kv_format {kv_format!r} is not one of {', '.join(formats)}")
         self.config = config
-        self.pool_tensors = 4 if kv_format else 2  # per layer: K, V (+ K scales, V scales)
+        width = config.num_kv_heads * config.head_dim
+        self.saq = SaqFormat.parse(kv_saq, width) if kv_format == SAQ_FORMAT else None
+        # per layer: K, V (+ K scales, V scales when quantized); SAQ: the paged pool and the slots
+        self.pool_tensors = 4 if kv_format in KV_QUANT_FORMATS else 2
         self.embed = Embedding(weights["embed"], dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, _layer_weights(weights, i), dtype, accuracy_level, kv_format)
+            DecoderLayer(config, _layer_weights(weights, i), dtype, accuracy_level, kv_format, self.saq)
             for i in range(config.num_layers)
         )
         self.final_norm = RMSNorm(weights["final_norm"], config.rms_norm_eps, dtype)
@@ -412,10 +483,11 @@ class Llama(nn.Module):
         past_lens: torch.Tensor,  # [B] int32
         total_lens: torch.Tensor,  # [B] int32
         logit_positions: torch.Tensor,  # [B, L] int64: which of the S rows produce logits
-        caches: list[torch.Tensor],  # per layer: k_cache, v_cache (+ k_scale, v_scale when quantized)
+        caches: list[torch.Tensor],  # per layer: k_cache, v_cache (+ scales); SAQ: kv_pool, kv_slots
+        seq_slots: torch.Tensor | None = None,  # [B] int32, SAQ only: each row's slot
     ):
         """Serving step: logits [B, L, V] (float32) and the updated caches, in input order."""
-        kv = PagedKV(block_table, slot_mapping, past_lens, total_lens)
+        kv = PagedKV(block_table, slot_mapping, past_lens, total_lens, seq_slots)
         rope = self._rope(position_ids)
         x = self.embed(input_ids)
         new_caches = []

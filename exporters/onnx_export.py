@@ -1,7 +1,8 @@
 """Checkpoint -> artifact directory: choose the weight format, export ONNX, write the manifest.
 
     export_artifact(checkpoint, out_dir, options) writes, atomically:
-        model.onnx            the serving graph (one FlashAttention node per layer + its function body)
+        model.onnx            the serving graph (one FlashAttention node per layer + its function body;
+                              SAQ: one FlashAttentionSaq node per layer, no body: it needs our kernels)
         model.onnx.data       weights as external data
         tokenizer.json        the tokenizer
         manifest.yaml         architecture, KV layout, op versions, opset, sha256 of every file
@@ -28,8 +29,15 @@ from tqdm import tqdm
 from exporters.attention_function import flash_attention_function
 from exporters.calibration import CALIBRATION_MODULES, CALIBRATION_TOKENS, calibrate_k_means, calibration_ids
 from exporters.checkpoint import LAYER_TENSORS, QUANT_BLOCK, BlockQuant, CheckpointError
-from exporters.model import ATTENTION_DOMAIN, ATTENTION_OP, ATTENTION_OP_VERSION, Llama, hadamard
-from kernels.kv_formats import KV_QUANT_FORMATS, group_size
+from exporters.model import (
+    ATTENTION_DOMAIN,
+    ATTENTION_OP,
+    ATTENTION_OP_VERSION,
+    SAQ_ATTENTION_OP,
+    Llama,
+    hadamard,
+)
+from kernels.kv_formats import KV_QUANT_FORMATS, SAQ_DEFAULT, SAQ_FORMAT, SaqFormat, group_size
 from runtime.artifact import MODEL_FILE, WEIGHTS_FILE, write_manifest
 from runtime.kv_cache import pool_tensors
 
@@ -45,7 +53,8 @@ class ExportOptions:
     """What `export-model` was asked for."""
 
     dtype: str = "fp32"  # activations and fp weights: fp32 or fp16
-    kv_dtype: str = "auto"  # KV cache storage: fp32, fp16, int8, int4, or auto (= dtype)
+    kv_dtype: str = "auto"  # KV cache storage: fp32, fp16, int8, int4, saq, or auto (= dtype)
+    kv_saq: str = SAQ_DEFAULT  # the SAQ staircase when kv_dtype is saq (kernels/kv_formats.SaqFormat.parse)
     weights: str = "auto"  # auto: keep the checkpoint's blocks or floats; fp; int8; int4
     compute: str = "int8"  # MatMulNBits compute: int8 (fast, activations quantized) or fp32 (exact)
     progress: bool = True
@@ -57,12 +66,22 @@ class ExportOptions:
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("dtype", self.dtype, tuple(DTYPES)),
-            ("kv-dtype", self.kv_dtype, ("auto", *DTYPES, *KV_QUANT_FORMATS)),
+            ("kv-dtype", self.kv_dtype, ("auto", *DTYPES, *KV_QUANT_FORMATS, SAQ_FORMAT)),
             ("weights", self.weights, WEIGHT_MODES),
             ("compute", self.compute, tuple(COMPUTE_MODES)),
         ):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.kv_dtype == SAQ_FORMAT:
+            self.saq_format(width=0)  # the spec's syntax and stairs now; the width is checked at export
+
+    def saq_format(self, width: int) -> SaqFormat:
+        """The staircase for KV rows of `width` channels; a bad --kv-saq raises ValueError naming it.
+        width 0 checks only what does not depend on the model."""
+        try:
+            return SaqFormat.parse(self.kv_saq, width)
+        except ValueError as e:
+            raise ValueError(f"--kv-saq {self.kv_saq!r}: {e}") from None
 
 
 @dataclass
@@ -171,15 +190,29 @@ def quantize_blocks(w: np.ndarray, bits: int) -> BlockQuant:
 # ONNX
 
 
+def saq_pool(fmt: SaqFormat) -> list[tuple[str, str, int]]:
+    """One layer's SAQ pool tensors, uint8 each: (name, leading dimension, bytes per row). The runtime's
+    PoolTensor calls them per "block" and per "slot" (kernels/kv_formats.SaqFormat has the layout)."""
+    return [("kv_pool", "num_blocks", fmt.block_bytes), ("kv_slots", "num_slots", fmt.slot_bytes)]
+
+
 def example_inputs(model: Llama, kv_format: str):
     config = model.config
-    B, S, max_blocks, num_blocks, block_size = 2, 3, 2, 5, 16
-    pool = pool_tensors(kv_format, config.num_kv_heads * config.head_dim, config.head_dim)
-    caches = [
-        torch.from_numpy(np.zeros((num_blocks, block_size, t.width), t.dtype))
-        for _ in range(config.num_layers)
-        for t in pool
-    ]
+    B, S, max_blocks, num_blocks, block_size, num_slots = 2, 3, 2, 5, 16, 6
+    Dim = torch.export.Dim
+    if model.saq is not None:
+        rows = {"num_blocks": (num_blocks, Dim("num_blocks")), "num_slots": (num_slots, Dim("num_slots"))}
+        pool = saq_pool(model.saq) * config.num_layers
+        caches = [torch.zeros(rows[dim][0], size, dtype=torch.uint8) for _, dim, size in pool]
+        pool_dims = [{0: rows[dim][1]} for _, dim, _ in pool]
+    else:
+        pool = pool_tensors(kv_format, config.num_kv_heads * config.head_dim, config.head_dim)
+        caches = [
+            torch.from_numpy(np.zeros((num_blocks, block_size, t.width), t.dtype))
+            for _ in range(config.num_layers)
+            for t in pool
+        ]
+        pool_dims = [{0: Dim("num_blocks"), 1: Dim("block_size")}] * len(caches)
     args = (
         torch.zeros(B, S, dtype=torch.int64),
         torch.zeros(B, S, dtype=torch.int64),
@@ -190,9 +223,7 @@ def example_inputs(model: Llama, kv_format: str):
         torch.zeros(B, 1, dtype=torch.int64),
         caches,
     )
-    Dim = torch.export.Dim
     batch, seq, blocks, logits = Dim("batch", max=65536), Dim("seq"), Dim("max_blocks"), Dim("num_logits")
-    pool = {0: Dim("num_blocks"), 1: Dim("block_size")}
     dynamic = (
         {0: batch, 1: seq},
         {0: batch, 1: seq},
@@ -201,8 +232,10 @@ def example_inputs(model: Llama, kv_format: str):
         {0: batch},
         {0: batch},
         {0: batch, 1: logits},
-        [pool] * len(caches),
+        pool_dims,
     )
+    if model.saq is not None:  # each row's slot
+        args, dynamic = (*args, torch.zeros(B, dtype=torch.int32)), (*dynamic, {0: batch})
     return args, dynamic
 
 
@@ -232,10 +265,11 @@ def export_onnx(model: Llama, path: Path, kv_format: str, stage=lambda name: Non
     stage(EXPORT_STAGES[2])
     proto = program.model_proto
     config = model.config
-    _rename_io(proto, cache_names(kv_format, config))
+    _rename_io(proto, cache_names(kv_format, config, model.saq))
     _use_native_rms_norm(proto)
-    proto.functions.append(flash_attention_function(OPSET, kv_format, config.head_dim))
-    _check_attention_nodes(proto, model.config.num_layers)
+    if model.saq is None:  # SAQ has no body: its artifact runs on our kernels only
+        proto.functions.append(flash_attention_function(OPSET, kv_format, config.head_dim))
+    _check_attention_nodes(proto, config.num_layers, SAQ_ATTENTION_OP if model.saq else ATTENTION_OP)
     onnx.save_model(
         proto,
         str(path),
@@ -258,18 +292,24 @@ class _quiet_torch_logs:
         self._logger.setLevel(self._level)
 
 
-def cache_names(kv_format: str, config) -> tuple[list[str], list[str]]:
-    """Graph names of every layer's pool tensors (runtime.kv_cache.pool_tensors), inputs and outputs."""
-    pool = pool_tensors(kv_format, config.num_kv_heads * config.head_dim, config.head_dim)
-    inputs = [f"{t.name}.{i}" for i in range(config.num_layers) for t in pool]
+def cache_names(kv_format: str, config, saq: SaqFormat | None = None) -> tuple[list[str], list[str]]:
+    """Graph names of every layer's pool tensors (runtime.kv_cache.pool_tensors, or `saq_pool`), inputs
+    and outputs."""
+    if saq is not None:
+        pool = [name for name, _, _ in saq_pool(saq)]
+    else:
+        width = config.num_kv_heads * config.head_dim
+        pool = [t.name for t in pool_tensors(kv_format, width, config.head_dim)]
+    inputs = [f"{name}.{i}" for i in range(config.num_layers) for name in pool]
     return inputs, [f"{name}.out" for name in inputs]
 
 
 def _rename_io(proto: onnx.ModelProto, names: tuple[list[str], list[str]]) -> None:
+    """Inputs after the first 7 are the caches, then (SAQ) seq_slots; outputs: logits, the caches."""
     cache_in, cache_out = names
     inputs = proto.graph.input[7:]
     outputs = proto.graph.output
-    renames = {old.name: new for old, new in zip(inputs, cache_in)}
+    renames = {old.name: new for old, new in zip(inputs, cache_in + ["seq_slots"])}
     renames[outputs[0].name] = "logits"
     renames.update({old.name: new for old, new in zip(outputs[1:], cache_out)})
     for value in list(inputs) + list(outputs):
@@ -298,10 +338,10 @@ def _use_native_rms_norm(proto: onnx.ModelProto) -> None:
         )
 
 
-def _check_attention_nodes(proto: onnx.ModelProto, num_layers: int) -> None:
-    found = [n for n in proto.graph.node if n.domain == ATTENTION_DOMAIN and n.op_type == ATTENTION_OP]
+def _check_attention_nodes(proto: onnx.ModelProto, num_layers: int, op_type: str) -> None:
+    found = [n for n in proto.graph.node if n.domain == ATTENTION_DOMAIN and n.op_type == op_type]
     if len(found) != num_layers:
-        raise RuntimeError(f"export produced {len(found)} attention nodes for {num_layers} layers")
+        raise RuntimeError(f"export produced {len(found)} {op_type} nodes for {num_layers} layers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +357,8 @@ def export_artifact(
         raise FileExistsError(f"{out_dir} exists and is not empty; remove it, pass --force or another --out")
     config = checkpoint.config
     dtype = DTYPES[options.dtype]
+    if options.kv_format == SAQ_FORMAT:  # before anything is written: a bad --kv-saq fails here
+        options.saq_format(config.num_kv_heads * config.head_dim)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     quiet = not options.progress
@@ -326,13 +368,14 @@ def export_artifact(
         num_tensors = 2 + config.num_layers * len(LAYER_TENSORS) + (not config.tie_word_embeddings)
         with tqdm(total=num_tensors, desc="reading weights", unit="tensor", disable=quiet) as bar:
             plan = plan_weights(checkpoint, options, bar)
-        kv_quantized = options.kv_format in KV_QUANT_FORMATS
+        kv_quantized = options.kv_format in KV_QUANT_FORMATS  # SAQ needs no calibration (no K means)
         model = Llama(
             config,
             plan.tensors,
             dtype,
             COMPUTE_MODES[options.compute],
-            options.kv_format if kv_quantized else "",
+            options.kv_format if kv_quantized or options.kv_format == SAQ_FORMAT else "",
+            options.kv_saq,
         ).eval()
         if kv_quantized:
             tokens = min(CALIBRATION_TOKENS, config.max_position_embeddings)
@@ -365,7 +408,9 @@ def _publish(folder: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _kv_manifest(kv_format: str, config) -> dict:
+def _kv_manifest(kv_format: str, config, saq: SaqFormat | None) -> dict:
+    if saq is not None:
+        return _saq_manifest(saq, config)
     entry = {
         "format": kv_format,
         "layout": "paged",
@@ -383,6 +428,24 @@ def _kv_manifest(kv_format: str, config) -> dict:
     return entry
 
 
+def _saq_manifest(saq: SaqFormat, config) -> dict:
+    rotated = hadamard(config.head_dim) is not None
+    return {
+        "format": SAQ_FORMAT,
+        "saq": saq.text(),
+        "stage": saq.stage,  # tokens per stage: the runtime's block_size
+        "stairs": saq.stairs_text,
+        "v_group": saq.v_group,
+        "block_bytes": saq.block_bytes,
+        "slot_bytes": saq.slot_bytes,
+        "layout": "paged bottom stair + one slot per sequence",
+        "pool": [f"{name}: [{dim}, {size}] uint8" for name, dim, size in saq_pool(saq)],
+        "in_place": True,
+        "rotation": "hadamard q,k,v" if rotated else "none",  # in the graph, around the node
+        "spec": "kernels/kv_saq.py",
+    }
+
+
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
@@ -396,6 +459,14 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> dict:
     carried = {kind: list(plan.carried.values()).count(kind) for kind in sorted(set(plan.carried.values()))}
+    saq = (
+        options.saq_format(config.num_kv_heads * config.head_dim) if options.kv_format == SAQ_FORMAT else None
+    )
+    if saq is not None:
+        pool = [name for name, _, _ in saq_pool(saq)]
+    else:
+        width = config.num_kv_heads * config.head_dim
+        pool = [t.name for t in pool_tensors(options.kv_format, width, config.head_dim)]
     return {
         "model": {
             "name": config.name,
@@ -419,7 +490,7 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
             "dtype": options.dtype,
             "attention_op": {
                 "domain": ATTENTION_DOMAIN,
-                "name": ATTENTION_OP,
+                "name": SAQ_ATTENTION_OP if saq else ATTENTION_OP,
                 "version": ATTENTION_OP_VERSION,
             },
             "inputs": [
@@ -430,10 +501,10 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
                 "past_lens",
                 "total_lens",
                 "logit_positions",
-                "k_cache.{layer}",
-                "v_cache.{layer}",
+                *(f"{name}.{{layer}}" for name in pool),
+                *(["seq_slots"] if saq else []),
             ],
-            "outputs": ["logits", "k_cache.{layer}.out", "v_cache.{layer}.out"],
+            "outputs": ["logits", *(f"{name}.{{layer}}.out" for name in pool)],
         },
         "weights": {
             "mode": options.weights,
@@ -441,7 +512,7 @@ def _manifest(config, tokenizer, options: ExportOptions, plan: WeightPlan) -> di
             "carried_blocks": carried,  # GGUF block type -> tensors kept as they are
             "requantized": plan.requantized,
         },
-        "kv_cache": _kv_manifest(options.kv_format, config),
+        "kv_cache": _kv_manifest(options.kv_format, config, saq),
         "tokenizer": {
             "file": "tokenizer.json",
             "bos_token_id": tokenizer.bos_token_id,
