@@ -25,19 +25,23 @@ def code_width(kv_format: str, width: int) -> int:
 # SAQ staircase as a served format (kernels/kv_saq.py specifies the arithmetic)
 
 SAQ_FORMAT = "saq"
-SAQ_DEFAULT = "8:1,4:4,2;stage=64;v_group=32"
+SAQ_DEFAULT = "8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2"
+SAQ_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 @dataclass(frozen=True)
 class SaqFormat:
     """A staircase: closed stages of `stage` tokens step down `stairs` [(bits, stages), ..., (bits, 0)]
     as they age; the newest (open) stage stays fp16. One token's K (and V) row has `width` channels.
+    The oldest `sink` stages stay on the top stair for good (attention sinks). Stairs of at most `clip`
+    bits choose each group's range by a clipping search (kernels/kv_saq.quantize_asym); 0 = min..max.
 
     Memory, per layer (uint8 arrays; fp16 fields little-endian inside them):
       pool  [num_blocks, block_bytes]: one record per block of the bottom stair (paged: block table)
       slots [num_slots, slot_bytes]:   per sequence, the open stage's K and V (fp16 [stage, width] each),
-                                       then each upper stair's ring of `count` records; logical stage j
-                                       of stair i lives in ring entry j % count
+                                       then `sink` records at the top stair's width (logical stages
+                                       0..sink-1), then each upper stair's ring of `count` records;
+                                       logical stage j of stair i lives in ring entry j % count
     A record holds one closed stage at `bits`: fp16 k_lo[width], k_scale[width] (K per channel over
     the stage's tokens), fp16 v_lo[stage, width / v_group], v_scale[same] (V per token per group), then
     uint8 k_codes[stage, width * bits / 8], v_codes[same] (codes packed along channels, first channel
@@ -48,16 +52,18 @@ class SaqFormat:
     stage: int
     v_group: int
     width: int
+    sink: int = 0
+    clip: int = 0
 
     @classmethod
     def parse(cls, spec: str, width: int) -> SaqFormat:
         """'8:1,4:4,2;stage=64;v_group=32' (any part after the stairs optional)."""
         stairs_text, *options = [p.strip() for p in (spec or SAQ_DEFAULT).split(";")]
-        values = {"stage": 64, "v_group": 32}
+        values = {"stage": 64, "v_group": 32, "sink": 0, "clip": 0}
         for option in options:
             key, _, value = option.partition("=")
             if key not in values or not value.strip().isdigit():
-                raise ValueError(f"SAQ option {option!r}: use stage=N or v_group=N")
+                raise ValueError(f"SAQ option {option!r}: use stage=N, v_group=N, sink=N or clip=BITS")
             values[key] = int(value)
         parts = [p.strip() for p in stairs_text.split(",")]
         stairs = []
@@ -72,7 +78,7 @@ class SaqFormat:
                     f"SAQ stairs {stairs_text!r}: every stair but the last needs BITS:STAGES (stages >= 1), "
                     "the last one is BITS alone (it holds all older stages)"
                 )
-        fmt = cls(tuple(stairs), values["stage"], values["v_group"], width)
+        fmt = cls(tuple(stairs), values["stage"], values["v_group"], width, values["sink"], values["clip"])
         fmt.validate()
         return fmt
 
@@ -86,12 +92,13 @@ class SaqFormat:
             raise ValueError(f"SAQ stage of {self.stage} tokens: use a multiple of 8")
         if self.v_group < 1 or self.width % self.v_group:
             raise ValueError(f"SAQ v_group {self.v_group} must divide the KV width {self.width}")
+        if self.clip not in (0, 2, 4, 8):
+            raise ValueError(f"SAQ clip={self.clip}: 0 (none) or the widest stair to clip (2, 4 or 8)")
         if self.width % 4:
             raise ValueError(f"SAQ needs a KV width divisible by 4, not {self.width}")
 
     def text(self) -> str:
-        stairs = ",".join(f"{b}:{c}" if c else str(b) for b, c in self.stairs)
-        return f"{stairs};stage={self.stage};v_group={self.v_group}"
+        return f"{self.stairs_text};stage={self.stage};v_group={self.v_group};sink={self.sink};clip={self.clip}"
 
     @property
     def stairs_text(self) -> str:
@@ -130,9 +137,14 @@ class SaqFormat:
         """The open stage's K or V: fp16 [stage, width]."""
         return 2 * self.stage * self.width
 
+    @property
+    def sink_offset(self) -> int:
+        """Byte offset of the sink records (top stair width, one per sink stage) inside a slot."""
+        return 2 * self.tail_bytes
+
     def ring_offset(self, stair: int) -> int:
         """Byte offset of stair `stair`'s ring inside a slot (stairs above the bottom one)."""
-        offset = 2 * self.tail_bytes
+        offset = self.sink_offset + self.sink * self.record_bytes(self.stairs[0][0])
         for bits, count in self.stairs[:stair]:
             offset += count * self.record_bytes(bits)
         return offset
@@ -141,8 +153,12 @@ class SaqFormat:
     def slot_bytes(self) -> int:
         return self.ring_offset(len(self.stairs) - 1)
 
+    def clipped(self, bits: int) -> bool:
+        return bits <= self.clip
+
     def stair_of_age(self, age: int) -> int:
-        """Stair index of a closed stage `age` stages old (0 = the newest closed stage)."""
+        """Stair index of a closed stage `age` stages old (0 = the newest closed stage). Sink stages
+        (logical index < sink) are not on the stairs: they keep their sink record."""
         for i, (_, count) in enumerate(self.stairs):
             if count == 0 or age < count:
                 return i

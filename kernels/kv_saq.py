@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_formats import SaqFormat
+from kernels.kv_formats import SAQ_CLIP_RATIOS, SaqFormat
 
 __all__ = ["SaqSchedule", "SaqCache", "quantize_asym", "dequantize_asym"]
 
@@ -39,10 +39,11 @@ class SaqSchedule:
     v_group: int = 32
     sink: int = 0  # the oldest `sink` stages stay at the top stair's width (attention sinks)
     rotate: str = ""  # "k", "v" or "kv": rows rotated per head by a Hadamard matrix before quantizing
+    clip: int = 0  # stairs of at most this many bits search a clipped range (quantize_asym)
 
     @classmethod
     def parse(
-        cls, text: str, *, stage: int = 64, v_group: int = 32, sink: int = 0, rotate: str = ""
+        cls, text: str, *, stage: int = 64, v_group: int = 32, sink: int = 0, rotate: str = "", clip: int = 0
     ) -> SaqSchedule:
         """'8:1,4:4,2' -> stairs ((8, 1), (4, 4), (2, 0))."""
         stairs = []
@@ -57,7 +58,7 @@ class SaqSchedule:
                 ) from None
             if not last and stairs[-1][1] <= 0:
                 raise ValueError(f"SAQ stair {part!r}: every stair but the last needs a stage count >= 1")
-        schedule = cls(stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate)
+        schedule = cls(stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate, clip=clip)
         schedule.validate()
         return schedule
 
@@ -99,16 +100,34 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], -1).flatten(-2)
 
 
-def quantize_asym(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric quantization of x (float) with one (min, scale) over `dim`: (codes uint8 in
-    [0, 2^bits), lo fp16, scale fp16), lo/scale keeping `dim` as size 1."""
+def quantize_asym(
+    x: torch.Tensor, bits: int, dim: int, clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of x (float) with one (lo, scale) over `dim`: (codes uint8 in
+    [0, 2^bits), lo fp16, scale fp16), lo/scale keeping `dim` as size 1.
+
+    Without clip the range is min..max. With clip each group tries the ranges r * min .. r * max for r in
+    SAQ_CLIP_RATIOS and keeps the one whose dequantized values have the smallest squared error (fp32 sum
+    over the group; on a tie the larger r): at 2 bits the outliers' range costs the bulk of the values
+    more than clipping the outliers does."""
     levels = (1 << bits) - 1
     xf = x.float()
-    lo = xf.amin(dim, keepdim=True).half()
-    scale = ((xf.amax(dim, keepdim=True) - lo.float()) / levels).half()
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.round((xf - lo.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
-    return codes, lo, scale
+    low, high = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+    best = None
+    for r in SAQ_CLIP_RATIOS if clip else (1.0,):
+        lo = (low * r).half()
+        scale = ((high * r - lo.float()) / levels).half()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round((xf - lo.float()) / scale.float()).clamp(0, levels)
+        if not clip:
+            return codes.to(torch.uint8), lo, scale
+        err = ((lo.float() + codes * scale.float() - xf) ** 2).sum(dim, keepdim=True)
+        if best is None:
+            best = [err, codes, lo, scale]
+            continue
+        better = err < best[0]
+        best = [torch.where(better, new, old) for new, old in zip((err, codes, lo, scale), best)]
+    return best[1].to(torch.uint8), best[2], best[3]
 
 
 def dequantize_asym(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,10 +137,12 @@ def dequantize_asym(codes: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) 
 class _Stage:
     """A closed stage: K [T, W] quantized per channel, V [T, W] per token per group."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, v_group: int) -> None:
-        self.bits, self.tokens, self.width, self.v_group = bits, k.shape[0], k.shape[1], v_group
-        k_codes, self.k_lo, self.k_scale = quantize_asym(k, bits, dim=0)
-        v_codes, self.v_lo, self.v_scale = quantize_asym(v.unflatten(-1, (-1, v_group)), bits, dim=-1)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, v_group: int, clip: int = 0) -> None:
+        self.bits, self.tokens, self.width, self.v_group, self.clip = bits, k.shape[0], k.shape[1], v_group, clip
+        k_codes, self.k_lo, self.k_scale = quantize_asym(k, bits, dim=0, clip=bits <= clip)
+        v_codes, self.v_lo, self.v_scale = quantize_asym(
+            v.unflatten(-1, (-1, v_group)), bits, dim=-1, clip=bits <= clip
+        )
         self.k_codes = _pack(k_codes.transpose(0, 1), bits)  # [W, T * bits / 8]: channels are rows
         self.v_codes = _pack(v_codes.flatten(-2), bits)  # [T, W * bits / 8]
         self._keys = self._values = None
@@ -140,7 +161,7 @@ class _Stage:
 
     def demote(self, bits: int) -> _Stage:
         """The same tokens at `bits`, re-quantized from what this stage holds."""
-        return _Stage(self.keys(), self.values(), bits, self.v_group)
+        return _Stage(self.keys(), self.values(), bits, self.v_group, self.clip)
 
     def nbytes(self) -> int:
         tensors = (self.k_codes, self.v_codes, self.k_lo, self.k_scale, self.v_lo, self.v_scale)
@@ -201,7 +222,7 @@ class SaqCache:
     def _close(self) -> None:
         top = self.schedule.bits_at(0)
         k, v = self._rotate(self.residual_k, "k"), self._rotate(self.residual_v, "v")
-        self.stages.append(_Stage(k, v, top, self.schedule.v_group))
+        self.stages.append(_Stage(k, v, top, self.schedule.v_group, self.schedule.clip))
         self.residual_k = self.residual_k[:0]
         self.residual_v = self.residual_v[:0]
         for age, i in enumerate(range(len(self.stages) - 1, -1, -1)):
@@ -259,8 +280,9 @@ def _field(record: torch.Tensor, fmt: SaqFormat, bits: int, name: str, dtype=tor
 
 def encode_record(k: torch.Tensor, v: torch.Tensor, fmt: SaqFormat, bits: int) -> torch.Tensor:
     """One closed stage (K, V float [stage, width]) -> its record, uint8 [fmt.record_bytes(bits)]."""
-    k_codes, k_lo, k_scale = quantize_asym(k, bits, dim=0)
-    v_codes, v_lo, v_scale = quantize_asym(v.unflatten(-1, (-1, fmt.v_group)), bits, dim=-1)
+    clip = fmt.clipped(bits)
+    k_codes, k_lo, k_scale = quantize_asym(k, bits, dim=0, clip=clip)
+    v_codes, v_lo, v_scale = quantize_asym(v.unflatten(-1, (-1, fmt.v_group)), bits, dim=-1, clip=clip)
     parts = {
         "k_lo": k_lo.reshape(-1), "k_scale": k_scale.reshape(-1),
         "v_lo": v_lo.reshape(-1), "v_scale": v_scale.reshape(-1),
@@ -292,8 +314,11 @@ class _SlotView:
         self.pool, self.slot, self.table, self.fmt = pool, slots[slot], table, fmt
 
     def record(self, stair: int, stage: int) -> torch.Tensor:
-        """The bytes (a view) of logical stage `stage` on stair `stair`."""
+        """The bytes (a view) of logical stage `stage` on stair `stair` (a sink stage: its sink record)."""
         bits, count = self.fmt.stairs[stair]
+        if stage < self.fmt.sink:
+            size = self.fmt.record_bytes(self.fmt.stairs[0][0])
+            return self.slot[self.fmt.sink_offset + stage * size :][:size]
         if stair == len(self.fmt.stairs) - 1:
             return self.pool[int(self.table[stage])]
         size = self.fmt.record_bytes(bits)
@@ -313,7 +338,7 @@ class _SlotView:
         first_age = [sum(c for _, c in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
         for i in range(top - 1, -1, -1):
             leaving = stage - first_age[i] - fmt.stairs[i][1]  # its age becomes first_age[i + 1]
-            if leaving < 0:
+            if leaving < fmt.sink:  # none yet, or a sink stage: those stay where they are
                 continue
             src, dst = self.record(i, leaving), self.record(i + 1, leaving)
             (bits, _), (low, _) = fmt.stairs[i], fmt.stairs[i + 1]
@@ -325,8 +350,8 @@ class _SlotView:
         dequantized from their stair, the open stage's fp16 rows."""
         ks, vs = [], []
         for j in range(closed):
-            bits = self.fmt.stairs[self.fmt.stair_of_age(closed - 1 - j)][0]
-            k, v = decode_record(self.record(self.fmt.stair_of_age(closed - 1 - j), j), self.fmt, bits)
+            stair = 0 if j < self.fmt.sink else self.fmt.stair_of_age(closed - 1 - j)
+            k, v = decode_record(self.record(stair, j), self.fmt, self.fmt.stairs[stair][0])
             ks.append(k)
             vs.append(v)
         rows = past - closed * self.fmt.stage

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from kernels.kv_formats import SaqFormat
-from kernels.kv_saq import SaqCache, SaqSchedule, attend, decode_record, encode_record, paged_attention_saq_ref
+from kernels.kv_saq import (
+    SaqCache,
+    SaqSchedule,
+    attend,
+    decode_record,
+    dequantize_asym,
+    encode_record,
+    paged_attention_saq_ref,
+    quantize_asym,
+)
 
 HQ, HKV, D = 4, 2, 32
 W = HKV * D
@@ -19,21 +28,25 @@ def _pools(fmt: SaqFormat, blocks: int, slots: int):
 
 def test_parse_layout_and_errors():
     fmt = SaqFormat.parse("8:1,4:4,2;stage=64;v_group=32", 192)
-    assert fmt.stairs == ((8, 1), (4, 4), (2, 0)) and fmt.text() == "8:1,4:4,2;stage=64;v_group=32"
+    assert fmt.stairs == ((8, 1), (4, 4), (2, 0)) and fmt.text() == "8:1,4:4,2;stage=64;v_group=32;sink=0;clip=0"
     # record: fp16 K lo/scale per channel, V lo/scale per token per group, then the codes
     assert fmt.record_bytes(2) == 4 * 192 + 4 * 64 * 6 + 2 * 64 * 192 * 2 // 8
     assert fmt.slot_bytes == 2 * 2 * 64 * 192 + fmt.record_bytes(8) + 4 * fmt.record_bytes(4)
     assert [fmt.stair_of_age(a) for a in range(7)] == [0, 1, 1, 1, 1, 2, 2]
     assert SaqFormat.parse("4", 192).slot_bytes == 2 * 2 * 64 * 192  # one stair: only the open stage
+    sunk = SaqFormat.parse("8:1,2;stage=64;sink=2;clip=2", 192)
+    assert sunk.slot_bytes == 2 * 2 * 64 * 192 + 3 * sunk.record_bytes(8)  # two sink records + the ring
+    assert sunk.ring_offset(0) == sunk.sink_offset + 2 * sunk.record_bytes(8)
     for spec, message in (("8:1,3", "8, 4 or 2"), ("4:1,8", "must not increase"), ("8,2", "BITS:STAGES"),
-                          ("8:1,2;stage=12", "multiple of 8"), ("4;v_group=50", "divide"), ("4;x=1", "stage=N")):
+                          ("8:1,2;stage=12", "multiple of 8"), ("4;v_group=50", "divide"), ("4;x=1", "stage=N"),
+                          ("4;clip=3", "clip=3")):
         with pytest.raises(ValueError, match=message):
             SaqFormat.parse(spec, 192)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_record_round_trip(bits):
-    fmt = SaqFormat.parse(f"{bits};stage=16;v_group=16", W)
+    fmt = SaqFormat.parse(f"{bits};stage=16;v_group=16", W)  # no clipping: every value within half a step
     g = torch.Generator().manual_seed(bits)
     k = torch.randn(16, W, generator=g) * torch.linspace(0.1, 5, W)
     v = torch.randn(16, W, generator=g)
@@ -45,13 +58,23 @@ def test_record_round_trip(bits):
     assert torch.equal(encode_record(k2, v2, fmt, bits), record)  # re-quantizing the same bits is stable
 
 
-@pytest.mark.parametrize("chunks", [[1] * 70, [5, 11, 16, 1, 1, 30, 3, 1, 2]])
-def test_paged_op_matches_the_staircase_cache(chunks):
-    """Token by token and in odd chunks: the op's outputs equal SaqCache + attend (same stairs, no sink,
-    no rotation), and the bytes it keeps hold the same stages."""
+CASES = [
+    ("8:1,4:2,2", dict(), [1] * 70),
+    ("8:1,4:2,2", dict(), [5, 11, 16, 1, 1, 30, 3, 1, 2]),
+    ("8:1,4:2,2", dict(sink=1, clip=2), [1] * 45 + [20, 3]),
+    ("8:2,2", dict(sink=2, clip=4), [13, 1, 9, 30, 1, 1, 2]),
+    ("4", dict(clip=4), [3, 17, 1, 1, 40]),
+]
+
+
+@pytest.mark.parametrize("stairs, options, chunks", CASES)
+def test_paged_op_matches_the_staircase_cache(stairs, options, chunks):
+    """Token by token and in odd chunks: the op's outputs equal SaqCache + attend (same stairs, sink and
+    clipping, no rotation), so the bytes it keeps hold the same stages."""
     stage = 8
-    fmt = SaqFormat.parse(f"8:1,4:2,2;stage={stage};v_group=16", W)
-    cache = SaqCache(SaqSchedule.parse("8:1,4:2,2", stage=stage, v_group=16), W, torch.float16, D)
+    extra = "".join(f";{k}={v}" for k, v in options.items())
+    fmt = SaqFormat.parse(f"{stairs};stage={stage};v_group=16{extra}", W)
+    cache = SaqCache(SaqSchedule.parse(stairs, stage=stage, v_group=16, **options), W, torch.float16, D)
     g = torch.Generator().manual_seed(1)
     n = sum(chunks)
     q = torch.randn(n, HQ * D, generator=g)
@@ -92,3 +115,14 @@ def test_padding_rows_and_other_sequences_untouched():
     )  # fmt: skip
     assert torch.equal(pool1, pool2) and torch.equal(slots1, slots2)
     assert not pool1[[0, 7]].any() and not slots1[0].any()  # scratch block/slot and unused block untouched
+
+
+def test_clipping_lowers_the_error_of_two_bit_groups():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 256, generator=g)
+    for dim in (0, -1):
+        plain = dequantize_asym(*quantize_asym(x, 2, dim))
+        clipped = dequantize_asym(*quantize_asym(x, 2, dim, clip=True))
+        assert ((clipped - x) ** 2).mean() < 0.8 * ((plain - x) ** 2).mean()
+        # never worse group by group: r = 1 (min..max) is one of the candidates
+        assert (((clipped - x) ** 2).sum(dim) <= ((plain - x) ** 2).sum(dim) + 1e-4).all()
