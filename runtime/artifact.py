@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from kernels.kv_formats import SAQ_FORMAT, SaqFormat
 from runtime.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -25,6 +26,7 @@ MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 SUPPORTED_ATTENTION_OP = ("fastattention", "FlashAttention", 1)
+SAQ_ATTENTION_OP = ("fastattention", "FlashAttentionSaq", 1)  # the op of an SAQ graph (no function body)
 
 
 def sha256_file(path: Path) -> str:
@@ -71,6 +73,7 @@ class Artifact:
     model: ModelSpec
     dtype: str  # activations and KV cache: fp32 or fp16
     kv_format: str
+    saq: SaqFormat | None = None  # the staircase of an SAQ cache (manifest kv_cache.saq)
 
     @property
     def model_file(self) -> Path:
@@ -86,19 +89,30 @@ class Artifact:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers, in the artifact's KV format (scales included)."""
-        from runtime.kv_cache import bytes_per_token
+        """K and V of one token over all layers, in the artifact's KV format (scales included; SAQ: the
+        bottom stair's record over its stage, rounded up, without the per-sequence slot)."""
+        from runtime.kv_cache import pool_bytes_per_token
 
-        m = self.model
-        return bytes_per_token(self.kv_format, m.num_layers, m.num_kv_heads * m.head_dim, m.head_dim)
+        return pool_bytes_per_token(self.pool_tensors(), self.model.num_layers, self.block_size or 1)
+
+    @property
+    def block_size(self) -> int | None:
+        """Tokens per KV block when the format fixes it (SAQ: a block holds one stage), else None."""
+        return self.saq.stage if self.saq is not None else None
+
+    @property
+    def kv_spec(self) -> str:
+        """The KV format with its parameters ("fp16", "int8", "saq 8:1,4:4,2;stage=64;v_group=32"): KV
+        moves only between nodes whose specs are equal."""
+        return f"{self.kv_format} {self.saq.text()}" if self.saq is not None else self.kv_format
 
     def pool_tensors(self):
         """The tensors of one layer's KV pool (runtime.kv_cache.PoolTensor)."""
         from runtime.kv_cache import pool_tensors
 
-        return pool_tensors(
-            self.kv_format, self.model.num_kv_heads * self.model.head_dim, self.model.head_dim
-        )
+        m = self.model
+        saq = self.saq.text() if self.saq is not None else ""
+        return pool_tensors(self.kv_format, m.num_kv_heads * m.head_dim, m.head_dim, saq)
 
 
 def load_artifact(path: str | Path, *, verify: bool = True) -> Artifact:
@@ -147,12 +161,14 @@ def _check_files(path: Path, files: dict, verify: bool) -> None:
 
 
 def _artifact_from_manifest(path: Path, manifest: dict) -> Artifact:
+    kv_format = str(manifest["kv_cache"]["format"])
     op = manifest["graph"]["attention_op"]
-    if (op["domain"], op["name"], op["version"]) != SUPPORTED_ATTENTION_OP:
+    supported = [SUPPORTED_ATTENTION_OP] + ([SAQ_ATTENTION_OP] if kv_format == SAQ_FORMAT else [])
+    if (op["domain"], op["name"], op["version"]) not in supported:
+        names = " or ".join(f"{d}::{n} v{v}" for d, n, v in supported)
         raise ArtifactError(
-            f"{path}: attention op {op['domain']}::{op['name']} v{op['version']} is not the one this runtime "
-            f"runs ({SUPPORTED_ATTENTION_OP[0]}::{SUPPORTED_ATTENTION_OP[1]} v{SUPPORTED_ATTENTION_OP[2]}); "
-            "re-export"
+            f"{path}: attention op {op['domain']}::{op['name']} v{op['version']} is not one this runtime "
+            f"runs for KV format {kv_format} ({names}); re-export"
         )
     m = manifest["model"]
     model = ModelSpec(
@@ -170,5 +186,36 @@ def _artifact_from_manifest(path: Path, manifest: dict) -> Artifact:
         manifest=manifest,
         model=model,
         dtype=str(manifest["graph"]["dtype"]),
-        kv_format=str(manifest["kv_cache"]["format"]),
+        kv_format=kv_format,
+        saq=_saq_format(path, manifest["kv_cache"], model) if kv_format == SAQ_FORMAT else None,
     )
+
+
+def _saq_format(path: Path, kv_cache: dict, model: ModelSpec) -> SaqFormat:
+    """kv_cache.saq parsed for the model's KV width; the manifest's stage and sizes must agree with it."""
+    text = kv_cache.get("saq")
+    where = f"{path / MANIFEST_FILE}: kv_cache"
+    if not isinstance(text, str) or not text.strip():
+        raise ArtifactError(
+            f"{where}.saq is {text!r}; an SAQ cache needs its staircase text (e.g. "
+            "'8:1,4:4,2;stage=64;v_group=32'); re-run export-model"
+        )
+    try:
+        fmt = SaqFormat.parse(text, model.num_kv_heads * model.head_dim)
+    except ValueError as e:
+        raise ArtifactError(f"{where}.saq {text!r}: {e}; re-run export-model") from None
+    if "stage" not in kv_cache:
+        raise ArtifactError(f"{where}.stage is missing (the SAQ block size); re-run export-model")
+    for key, value in (
+        ("stage", fmt.stage),
+        ("stairs", fmt.stairs_text),
+        ("v_group", fmt.v_group),
+        ("block_bytes", fmt.block_bytes),
+        ("slot_bytes", fmt.slot_bytes),
+    ):
+        if key in kv_cache and kv_cache[key] != value:
+            raise ArtifactError(
+                f"{where}.{key} is {kv_cache[key]!r}, but kv_cache.saq {text!r} gives {value}; the "
+                "manifest contradicts itself, re-run export-model"
+            )
+    return fmt

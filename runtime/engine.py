@@ -23,7 +23,7 @@ from runtime.artifact import Artifact, load_artifact
 from runtime.backends.onnxruntime import OrtBackend, StepBatch
 from runtime.config import RuntimeConfig
 from runtime.errors import ContextOverflowError, InvalidRequestError
-from runtime.kv_cache import SCRATCH_BLOCK, KVBlockAllocator, layout_for_budget
+from runtime.kv_cache import SCRATCH_BLOCK, KVBlockAllocator, layout_for_pool, num_slots_for
 from runtime.sampling import SamplingParams, sample
 from runtime.scheduler import Scheduler, SchedulerOutput
 from runtime.sequence import FinishReason, ImportedKV, Sequence, TokenEvent
@@ -57,7 +57,15 @@ class Engine:
         context = artifact.model.max_position_embeddings
         self.max_seq_len = min(config.max_seq_len or context, context)
         budget = config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
-        layout = layout_for_budget(budget, config.block_size, artifact.kv_bytes_per_token)
+        block_size = artifact.block_size or config.block_size
+        if block_size != config.block_size:
+            log.info(
+                "KV format %s fixes blocks of %d tokens (one stage); block_size %d of the config is not used",
+                artifact.kv_spec, block_size, config.block_size,
+            )  # fmt: skip
+        self.pool = artifact.pool_tensors()  # one layer's KV tensors: what export/import move, by `per`
+        num_slots = num_slots_for(self.pool, config.max_batch_size)
+        layout = layout_for_pool(budget, block_size, self.pool, artifact.model.num_layers, num_slots)
         self.allocator = KVBlockAllocator(layout)
         self.scheduler = Scheduler(
             self.allocator,
@@ -108,9 +116,14 @@ class Engine:
         self._sequences[request_id] = seq
         return request_id
 
+    def kv_shapes(self, prompt_len: int) -> list[tuple[tuple[int, int], np.dtype]]:
+        """Shape and dtype of each array of one layer of a `prompt_len`-token prompt's exported KV."""
+        block_size = self.allocator.layout.block_size
+        return [((t.export_rows(prompt_len, block_size), t.width), np.dtype(t.dtype)) for t in self.pool]
+
     def _check_imported(self, imported: ImportedKV, prompt_len: int) -> None:
         model = self.artifact.model
-        expected = [((prompt_len, t.width), t.dtype) for t in self.artifact.pool_tensors()]
+        expected = self.kv_shapes(prompt_len)
         if len(imported.layers) != model.num_layers:
             raise InvalidRequestError(f"kv: {len(imported.layers)} layers, the model has {model.num_layers}")
         for i, arrays in enumerate(imported.layers):
@@ -118,7 +131,7 @@ class Engine:
                 got = [f"{a.shape} {a.dtype}" for a in arrays]
                 want = [f"{shape} {dtype}" for shape, dtype in expected]
                 raise InvalidRequestError(
-                    f"kv: layer {i} holds {got}, expected {want} ({self.artifact.kv_format}) for a "
+                    f"kv: layer {i} holds {got}, expected {want} ({self.artifact.kv_spec}) for a "
                     f"{prompt_len}-token prompt"
                 )
         if not 0 <= imported.first_token_id < model.vocab_size:
@@ -152,16 +165,23 @@ class Engine:
         return event
 
     def export_kv(self, request_id: str) -> list[tuple[np.ndarray, ...]]:
-        """A kept sequence's prompt KV: per layer, the rows [prompt_len, width] of each pool tensor
-        (K and V; codes then scales for a quantized format), in the artifact's KV format."""
+        """A kept sequence's prompt KV in the artifact's KV format: per layer, the prompt's rows of each
+        pool tensor (kv_shapes): [prompt_len, width] per token (K and V; codes then scales for a
+        quantized format), the rows of its blocks for stages [0, ceil(prompt_len / block_size)) per
+        block and the one row of its slot per slot (SAQ)."""
         seq = self._parked.get(request_id)
         if seq is None:
             raise InvalidRequestError(
                 f"kv: no kept KV cache for request {request_id!r} (released or expired)"
             )
-        rows = self._prompt_slots(seq)
+        if seq.num_computed != seq.prompt_len and any(t.per != "token" for t in self.pool):
+            raise InvalidRequestError(
+                f"kv: request {request_id!r} went past its prompt; a {self.artifact.kv_format} cache holds "
+                "the prompt alone only right after it (keep it with max_tokens 1, as a prefill node does)"
+            )
+        rows = self._prompt_rows(seq)
         pools = self._layer_pools()
-        return [tuple(t.reshape(-1, t.shape[-1])[rows] for t in layer) for layer in pools]
+        return [tuple(flat[rows[t.per]] for t, flat in zip(self.pool, layer)) for layer in pools]
 
     def release_kv(self, request_id: str) -> bool:
         """Free a kept KV cache; False if there is none."""
@@ -172,23 +192,31 @@ class Engine:
         return True
 
     def _layer_pools(self) -> list[list[np.ndarray]]:
-        """The backend's pool arrays grouped per layer (artifact.pool_tensors() each)."""
-        pools = self.backend.cache_arrays()
-        n = len(self.artifact.pool_tensors())
+        """The backend's pool arrays grouped per layer (self.pool each), as rows [-1, width]."""
+        pools = [t.reshape(-1, t.shape[-1]) for t in self.backend.cache_arrays()]
+        n = len(self.pool)
         return [pools[i : i + n] for i in range(0, len(pools), n)]
 
-    def _prompt_slots(self, seq: Sequence) -> np.ndarray:
-        """Flat pool rows (block * block_size + offset) of the sequence's prompt tokens."""
+    def _prompt_rows(self, seq: Sequence) -> dict[str, np.ndarray]:
+        """Rows of the sequence's prompt in each kind of pool tensor: per token, the flat rows
+        (block * block_size + offset) of its tokens; per block, its blocks of the prompt's stages; per
+        slot, its slot."""
         block_size = self.allocator.layout.block_size
         positions = np.arange(seq.prompt_len)
-        return np.asarray(seq.block_table)[positions // block_size] * block_size + positions % block_size
+        table = np.asarray(seq.block_table, np.int64)
+        return {
+            "token": table[positions // block_size] * block_size + positions % block_size,
+            "block": table[: -(-seq.prompt_len // block_size)],
+            "slot": np.array([seq.slot]),
+        }
 
     def _import(self, seq: Sequence) -> TokenEvent:
-        """Write an admitted sequence's imported KV into its blocks; emit the token sampled upstream."""
-        rows = self._prompt_slots(seq)
+        """Write an admitted sequence's imported KV into its blocks and slot; emit the token sampled
+        upstream."""
+        rows = self._prompt_rows(seq)
         for pool, arrays in zip(self._layer_pools(), seq.imported.layers):
-            for tensor, array in zip(pool, arrays):
-                tensor.reshape(-1, tensor.shape[-1])[rows] = array
+            for tensor, flat, array in zip(self.pool, pool, arrays):
+                flat[rows[tensor.per]] = array
         first = seq.imported.first_token_id
         seq.imported = None
         return seq.append(first)
@@ -240,7 +268,8 @@ class Engine:
             self.scheduler.finish(seq)
 
     def _batch(self, scheduled: SchedulerOutput) -> StepBatch:
-        """Right-padded [B, S] inputs for the scheduled rows; padding writes to the scratch block."""
+        """Right-padded [B, S] inputs for the scheduled rows; padding writes to the scratch block (and no
+        row is padding: each row's seq_slots is its own slot)."""
         rows = scheduled.rows
         B, S = len(rows), max(r.num_tokens for r in rows)
         block_size = self.allocator.layout.block_size
@@ -249,6 +278,7 @@ class Engine:
         positions = np.zeros((B, S), np.int64)
         slots = np.full((B, S), SCRATCH_BLOCK * block_size, np.int64)
         tables = np.full((B, max_blocks), SCRATCH_BLOCK, np.int32)
+        seq_slots = np.array([r.seq.slot for r in rows], np.int32)
         for b, row in enumerate(rows):
             n, table = row.num_tokens, np.asarray(row.seq.block_table, np.int32)
             pos = np.arange(row.start, row.start + n)
@@ -266,6 +296,7 @@ class Engine:
             past_lens=starts,
             total_lens=starts + counts,
             logit_positions=(counts - 1).astype(np.int64)[:, None],
+            seq_slots=seq_slots,
         )
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:

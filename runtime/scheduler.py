@@ -9,8 +9,9 @@ Each step is either a prefill step or a decode step:
 
 Prefill steps come first when a prompt is pending, but a decode step runs between two prefill steps
 whenever sequences are decoding, so inter-token latency stays bounded while prompts arrive.
-A sequence gets all its KV blocks (prompt + max_tokens) at admission and gives them back in
-`finish`, whatever the reason.
+A sequence gets all its KV blocks (prompt + max_tokens), and its KV slot when the format has
+per-sequence tensors, at admission and gives them back in `finish`, whatever the reason. A prompt
+waits while the blocks or a slot are not free.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from runtime.errors import ContextOverflowError, ResourceExhaustedError
-from runtime.kv_cache import KVBlockAllocator
+from runtime.kv_cache import SCRATCH_SLOT, KVBlockAllocator
 from runtime.sequence import Sequence
 
 
@@ -108,6 +109,7 @@ class Scheduler:
         if len(self.running) >= self.max_batch_size or not self.allocator.can_allocate(seq.max_total_len):
             return False
         seq.block_table = self.allocator.allocate(seq.request_id, seq.max_total_len)
+        seq.slot = self.allocator.slot(seq.request_id)
         self.waiting.remove(seq)
         self.running.append(seq)
         return True
@@ -122,14 +124,14 @@ class Scheduler:
         return admitted
 
     def park(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the batch but keep its KV blocks (freed by `finish`)."""
+        """Take a finished sequence out of the batch but keep its KV blocks and slot (freed by `finish`)."""
         self.running.remove(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence wherever it is and free its KV blocks."""
+        """Drop a finished or aborted sequence wherever it is and free its KV blocks and slot."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.allocator.free(seq.request_id)
-        seq.block_table = []
+        seq.block_table, seq.slot = [], SCRATCH_SLOT

@@ -28,16 +28,14 @@ class FinishReason(str, enum.Enum):
 class ImportedKV:
     """A prompt's KV cache computed elsewhere (a prefill node) and the token it sampled next.
 
-    layers[i] = one [num_tokens, width] array per pool tensor of the artifact's KV format
-    (runtime.kv_cache.pool_tensors: K, V, then their scales for a quantized format).
+    layers[i] = one [rows, width] array per pool tensor of the artifact's KV format
+    (runtime.kv_cache.pool_tensors: K, V, then their scales for a quantized format; SAQ's records and
+    slot): rows = the prompt's tokens for a per-token tensor, its blocks (stages) for a per-block one,
+    1 for a per-slot one (PoolTensor.export_rows).
     """
 
     first_token_id: int
     layers: list[tuple[np.ndarray, ...]]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.layers[0][0].shape[0] if self.layers else 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,7 @@ class Sequence:
         self.num_ids = len(prompt_ids)
         self.num_computed = 0  # ids whose K and V are in the cache
         self.block_table: list[int] = []
+        self.slot = 0  # its row of the per-sequence KV tensors (SAQ); 0, the scratch slot, when it holds none
         self.finish_reason: FinishReason | None = None
         self.keep_kv = keep_kv  # finished sequences keep their blocks until released (KV handoff)
         self.imported = imported  # written into the cache at admission, then dropped

@@ -1,8 +1,9 @@
 """ONNX Runtime backend: one session over the artifact's graph and the paged KV pool it updates.
 
-The pool is one zero-initialised array per layer for K and for V, wrapped as OrtValues and bound
-with IO binding as both the graph's cache input and its cache output, so every step updates it in
-place (our kernel writes straight into it; the function-body fallback copies through it).
+The pool is one zero-initialised array per layer for each of the format's pool tensors (K and V;
+their scales; SAQ's records and slots: runtime.kv_cache.PoolTensor.shape), wrapped as OrtValues and
+bound with IO binding as both the graph's cache input and its cache output, so every step updates it
+in place (our kernel writes straight into it; the function-body fallback copies through it).
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ class StepBatch:
     past_lens: np.ndarray  # [B] int32
     total_lens: np.ndarray  # [B] int32
     logit_positions: np.ndarray  # [B, L] int64
+    seq_slots: np.ndarray | None = None  # [B] int32: each row's KV slot (SAQ graphs; padding rows 0)
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        return dict(self.__dict__)
+    def feeds(self, seq_slots: bool = False) -> dict[str, np.ndarray]:
+        """The inputs by graph name; seq_slots only when asked (graphs of formats without slots lack it)."""
+        feeds = dict(self.__dict__)
+        if not seq_slots or feeds["seq_slots"] is None:
+            del feeds["seq_slots"]
+        return feeds
 
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented)
@@ -100,20 +106,22 @@ class OrtBackend:
     def __init__(self, artifact: Artifact, config: RuntimeConfig, layout: KVCacheLayout) -> None:
         self.session, options, self.attention_kernel = create_session(artifact, config)
         log.info(
-            "loaded %s: attention kernel %s, %d threads, KV pool %d blocks x %d tokens (%.1f MiB)",
+            "loaded %s: attention kernel %s, %d threads, KV pool %d blocks x %d tokens, %d slots (%.1f MiB)",
             artifact.path,
             self.attention_kernel,
             options.intra_op_num_threads,
             layout.num_blocks,
             layout.block_size,
+            layout.num_slots,
             layout.total_bytes / 2**20,
         )
         self.layout = layout
+        self._seq_slots = any(i.name == "seq_slots" for i in self.session.get_inputs())
         self._cache_arrays = []  # the memory: np.zeros maps pages lazily, so unused blocks cost no RSS
         self._cache_bindings = []  # (input name, output name, OrtValue)
         for layer in range(artifact.model.num_layers):
-            for tensor in artifact.pool_tensors():  # K, V (and their scales for a quantized format)
-                array = np.zeros((layout.num_blocks, layout.block_size, tensor.width), tensor.dtype)
+            for tensor in artifact.pool_tensors():  # K, V (+ scales); SAQ: records per block, slots
+                array = np.zeros(tensor.shape(layout), tensor.dtype)
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 name = f"{tensor.name}.{layer}"
                 self._cache_arrays.append(array)
@@ -123,7 +131,7 @@ class OrtBackend:
         """One forward step; returns logits [B, L, V] float32 and leaves the pool updated."""
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for name, array in batch.feeds().items():
+        for name, array in batch.feeds(seq_slots=self._seq_slots).items():
             binding.bind_cpu_input(name, array)
         for name_in, name_out, value in self._cache_bindings:
             binding.bind_ortvalue_input(name_in, value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from protos.edge.v1 import common_pb2, decode_pb2
 from runtime.errors import InvalidRequestError
 from runtime.sampling import SamplingParams
@@ -50,6 +52,15 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
     if params.seed is not None:
         pb.seed = params.seed
     return pb
+
+
+def kv_wire_rows(array: np.ndarray, per: str) -> np.ndarray:
+    """The rows a KV pool tensor's export travels in (KvChunk.token_start/token_count count them): its
+    token rows for a per-token tensor; single bytes for a per-block or per-slot one (SAQ's records and
+    slots are opaque bytes, one of which can be larger than a chunk). A view of `array` (contiguous)."""
+    if per == "token":
+        return array
+    return array.reshape(-1).view(np.uint8).reshape(-1, 1)
 
 
 def event_to_pb(event: TokenEvent, prompt_tokens: int) -> decode_pb2.TokenEvent:

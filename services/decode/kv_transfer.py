@@ -1,7 +1,8 @@
 """The decode side of the KV handoff: pull a prefilled prompt's KV cache from a prefill node.
 
-Chunks arrive per layer, K then V, each [token_count, num_kv_heads * head_dim] in the artifact's
-KV format; they are checked against the handle and this node's model before anything is used.
+Chunks arrive per layer, one pool tensor after another (K then V, ...; SAQ's records then slot), in
+the artifact's KV format and in the rows of services.common.messages.kv_wire_rows; they are checked
+against the handle and this node's model before anything is used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from protos.edge.v1 import prefill_pb2, prefill_pb2_grpc
 from runtime.engine import Engine
 from runtime.errors import InvalidRequestError, NotFoundError, UnavailableError
 from runtime.sequence import ImportedKV
+from services.common.messages import kv_wire_rows
 
 
 class KvPuller:
@@ -27,26 +29,27 @@ class KvPuller:
 
     async def pull(self, handle, engine: Engine, prompt_len: int, timeout: float | None) -> ImportedKV:
         artifact = engine.artifact
-        if handle.kv_format != artifact.kv_format:
+        if handle.kv_format != artifact.kv_spec:
             raise InvalidRequestError(
-                f"kv.kv_format: {handle.kv_format!r}, this node stores {artifact.kv_format!r}"
+                f"kv.kv_format: {handle.kv_format!r}, this node stores {artifact.kv_spec!r}"
             )
         if handle.num_tokens != prompt_len:
             raise InvalidRequestError(
                 f"kv.num_tokens: {handle.num_tokens}, the prompt has {prompt_len} tokens"
             )
-        pool = artifact.pool_tensors()  # per layer: K, V (+ scales): the order PullKv sends `part`s in
+        shapes = engine.kv_shapes(prompt_len)  # per layer, the order PullKv sends `part`s in
         layers = [
-            tuple(np.empty((prompt_len, t.width), t.dtype) for t in pool)
-            for _ in range(artifact.model.num_layers)
+            tuple(np.empty(shape, dtype) for shape, dtype in shapes) for _ in range(artifact.model.num_layers)
         ]
-        filled = np.zeros((artifact.model.num_layers, len(pool)), np.int64)
+        wire = [tuple(kv_wire_rows(a, t.per) for a, t in zip(layer, engine.pool)) for layer in layers]
+        expected = np.array([[len(rows) for rows in layer] for layer in wire])
+        filled = np.zeros_like(expected)
         try:
             call = self._stub(handle.address).PullKv(
                 prefill_pb2.PullKvRequest(session_id=handle.session_id), timeout=timeout
             )
             async for chunk in call:
-                _place(chunk, layers, filled)
+                _place(chunk, wire, filled)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFoundError(
@@ -55,7 +58,7 @@ class KvPuller:
             raise UnavailableError(
                 f"kv: pulling from {handle.address} failed: {e.code().name} {e.details()}"
             ) from e
-        if not (filled == prompt_len).all():
+        if not (filled == expected).all():
             raise UnavailableError(f"kv: the transfer from {handle.address} ended early")
         return ImportedKV(handle.first_token_id, layers)
 
@@ -66,7 +69,7 @@ def _place(chunk, layers, filled) -> None:
             f"kv: chunk for layer {chunk.layer} part {chunk.part} does not fit the model"
         )
     target = layers[chunk.layer][chunk.part]
-    start, count = chunk.token_start, chunk.token_count
+    start, count = chunk.token_start, chunk.token_count  # rows of kv_wire_rows
     data = np.frombuffer(chunk.data, dtype=target.dtype)
     if start + count > target.shape[0] or data.size != count * target.shape[1]:
         raise InvalidRequestError(f"kv: malformed chunk (layer {chunk.layer}, tokens {start}+{count})")

@@ -1,7 +1,7 @@
 """Prefill service: runs prompts, keeps their KV cache for one pull by a decode node.
 
 Prefill(prompt)  -> first token + a KV session (kept until pulled, released, or its lease ends)
-PullKv(session)  -> the KV in chunks of at most kv_chunk_bytes: per layer, K then V
+PullKv(session)  -> the KV in chunks of at most kv_chunk_bytes: per layer, each pool tensor (K then V, ...)
 Release(session) -> frees it now
 """
 
@@ -13,7 +13,7 @@ from protos.edge.v1 import decode_pb2, prefill_pb2
 from runtime.errors import NotFoundError, UnavailableError
 from runtime.worker import EngineWorker
 from services.common.config import PrefillConfig
-from services.common.messages import event_to_pb, sampling_from_pb
+from services.common.messages import event_to_pb, kv_wire_rows, sampling_from_pb
 
 
 class PrefillServicer:
@@ -51,7 +51,7 @@ class PrefillServicer:
             session_id=session_id,
             num_tokens=len(prompt),
             first_token_id=event.token_id,
-            kv_format=engine.artifact.kv_format,
+            kv_format=engine.artifact.kv_spec,
             model=self._model,
         )
         return prefill_pb2.PrefillResponse(kv=handle, first=event_to_pb(event, len(prompt)))
@@ -63,9 +63,11 @@ class PrefillServicer:
                 f"session_id: {session_id!r} is unknown, already pulled, or its lease expired"
             )
         layers = await self.worker.call(lambda engine: engine.export_kv(session_id))
+        pool = self.worker.engine.pool
         for index, arrays in enumerate(layers):
-            for part, array in enumerate(arrays):
-                for chunk in _chunks(index, part, array, self._config.kv_chunk_bytes):
+            for part, (tensor, array) in enumerate(zip(pool, arrays)):
+                rows = kv_wire_rows(array, tensor.per)
+                for chunk in _chunks(index, part, rows, self._config.kv_chunk_bytes):
                     yield chunk
         await self._release(session_id)  # pulled in full: free it now
 
@@ -88,7 +90,7 @@ class PrefillServicer:
 
 
 def _chunks(layer: int, part: int, array, max_bytes: int):
-    """[tokens, width] rows in messages of at most max_bytes of data."""
+    """[rows, width] (kv_wire_rows) in messages of at most max_bytes of data (one row at least)."""
     rows = max(1, max_bytes // array[0].nbytes) if len(array) else 1
     for start in range(0, len(array), rows):
         block = array[start : start + rows]

@@ -1,9 +1,10 @@
 """The prefill -> decode KV wire format per KV format: PullKv's chunks (services/prefill/servicer.py)
 placed back by the decode side (services/decode/kv_transfer.py) give the exported pools byte for byte.
 
-The end-to-end pull over gRPC runs in tests/services/test_services.py (fp32) and, per format, in
-benchmarks/kv_formats_cpu.py; here every format's pool tensors (codes and scales for int8/int4) go
-through the same two functions, with chunks that split rows across messages.
+The end-to-end pull over gRPC runs in tests/services/test_services.py (fp32), in
+tests/services/test_saq_handoff.py (SAQ, in process) and, per format, in benchmarks/kv_formats_cpu.py;
+here every format's pool tensors (codes and scales for int8/int4; SAQ's records and slot) go through
+the same two functions, with chunks that split rows across messages.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from runtime.errors import InvalidRequestError
 from runtime.kv_cache import pool_tensors
+from services.common.messages import kv_wire_rows
 from services.decode.kv_transfer import _place
 from services.prefill.servicer import _chunks
 
@@ -72,3 +74,41 @@ def test_malformed_chunks_are_refused():
     short = type(good)(layer=0, part=2, token_start=0, token_count=TOKENS, data=good.data[:-2])
     with pytest.raises(InvalidRequestError, match="malformed"):
         _place(short, layers, filled)
+
+
+def test_saq_records_and_slot_travel_in_chunks_within_the_limit():
+    """SAQ's per-block records and per-slot row are opaque bytes, one row larger than the smallest chunk
+    limit (4 KiB): they travel as byte rows, every message within the limit, and come back byte for byte."""
+    saq = "8:1,4:4,2;stage=64;v_group=32"
+    pool = pool_tensors("saq", WIDTH, HEAD_DIM, saq)
+    stages = -(-TOKENS // 64)
+    rows = [t.export_rows(TOKENS, 64) for t in pool]
+    assert rows == [stages, 1] and min(t.row_bytes for t in pool) > 4096
+    rng = np.random.default_rng(1)
+    exported = [
+        tuple(rng.integers(0, 256, (n, t.width), dtype=np.uint8) for n, t in zip(rows, pool))
+        for _ in range(LAYERS)
+    ]
+    max_bytes = 4096
+    messages = [
+        chunk
+        for layer, tensors in enumerate(exported)
+        for part, (t, array) in enumerate(zip(pool, tensors))
+        for chunk in _chunks(layer, part, kv_wire_rows(array, t.per), max_bytes)
+    ]
+    assert max(len(m.data) for m in messages) == max_bytes
+    assert sum(len(m.data) for m in messages) == LAYERS * sum(n * t.row_bytes for n, t in zip(rows, pool))
+    layers = [tuple(np.empty((n, t.width), t.dtype) for n, t in zip(rows, pool)) for _ in range(LAYERS)]
+    wire = [tuple(kv_wire_rows(a, t.per) for a, t in zip(layer, pool)) for layer in layers]
+    filled = np.zeros((LAYERS, len(pool)), np.int64)
+    for message in reversed(messages):
+        _place(message, wire, filled)
+    assert (filled == [[len(w) for w in layer] for layer in wire]).all()
+    for got, want in zip(layers, exported):
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)
+    short = type(messages[0])(
+        layer=0, part=1, token_start=rows[1] * pool[1].width - 10, token_count=20, data=bytes(20)
+    )
+    with pytest.raises(InvalidRequestError, match="malformed"):
+        _place(short, wire, filled)  # past the end of the slot row
