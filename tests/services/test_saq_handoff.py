@@ -1,6 +1,7 @@
 """The prefill -> decode handoff of an SAQ cache over gRPC, in process: PrefillServicer (its PullKv
 chunks) and KvPuller (which places them) around engines on the spec-backed toy model
-(tests/saq_toy.py). The decode side continues exactly as one engine alone would."""
+(tests/saq_toy.py). The decode side continues exactly as one engine alone would; its Stats count the
+blocks and slots held."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from runtime.worker import EngineWorker
 from services.common.config import PrefillConfig
 from services.common.messages import sampling_to_pb
 from services.decode.kv_transfer import KvPuller
+from services.decode.servicer import DecodeServicer
 from services.prefill.servicer import PrefillServicer
 from tests.saq_toy import LAYERS, saq_kv_cache, spec_engine, write_artifact
 
@@ -98,3 +100,29 @@ def test_a_node_with_another_staircase_refuses_the_handle(artifact, tmp_path, mo
     layers = [(np.zeros((5, 1), np.uint8), np.zeros((1, 1), np.uint8))] * LAYERS
     with pytest.raises(InvalidRequestError, match="expected"):
         other.add_request(PROMPT, SamplingParams(), imported=ImportedKV(1, layers))
+
+
+def test_decode_stats_count_the_held_blocks_and_slot(artifact, monkeypatch):
+    engine = spec_engine(artifact, monkeypatch)
+    list(engine.generate_kept(PROMPT, SamplingParams(max_tokens=1)))  # kept: 76 tokens = 5 blocks, 1 slot
+
+    async def stats():
+        worker = EngineWorker(engine)
+        worker.start()
+        servicer = DecodeServicer("toy")
+        servicer.attach(worker, KvPuller(1 << 20))
+        try:
+            return await servicer.Stats(decode_pb2.StatsRequest(), None)
+        finally:
+            worker.stop()
+
+    stats = asyncio.run(stats())
+    fmt, layout = engine.artifact.saq, engine.allocator.layout
+    assert stats.kv_format == "saq" and stats.kept_kv_sequences == 1
+    assert stats.kv_bytes_per_token == -(-LAYERS * fmt.block_bytes // fmt.stage)
+    assert dict(stats.kv_bytes_in_use_by_format) == {"saq": LAYERS * (5 * fmt.block_bytes + fmt.slot_bytes)}
+    assert stats.kv_tokens_capacity == (layout.num_blocks - 1) * fmt.stage
+    assert (
+        stats.kv_bytes_in_use + stats.kv_bytes_free
+        == (layout.num_blocks - 1) * layout.bytes_per_block + (layout.num_slots - 1) * layout.bytes_per_slot
+    )
