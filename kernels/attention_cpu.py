@@ -1,9 +1,12 @@
-"""Build, find and register the native CPU kernel of ``fastattention::FlashAttention``.
+"""Build, find and register the native CPU kernels of the ``fastattention`` custom-op domain.
 
-The kernel is ``kernels/csrc/fastattention_cpu.cc``; its contract is
-``kernels.reference.paged_attention_ref``. It is an ONNX Runtime custom-op library for the CPU
-execution provider. Once ``register(session_options)`` has added it, the FlashAttention nodes of a
-model run natively instead of through their ONNX function body.
+One library, two ops: ``FlashAttention`` (``kernels/csrc/fastattention_cpu.cc``; contract
+``kernels.reference.paged_attention_ref``, and ``kernels.kv_quant`` for int8/int4 pools) and
+``FlashAttentionSaq`` (``kernels/csrc/saq_cpu.cc``; contract ``kernels.kv_saq.paged_attention_saq_ref``).
+Both include ``kernels/csrc/fastattention_cpu.h`` (numerics, micro-kernels, thread pool glue). It is an
+ONNX Runtime custom-op library for the CPU execution provider. Once ``register(session_options)`` has
+added it, the FlashAttention nodes of a model run natively instead of through their ONNX function body,
+and FlashAttentionSaq nodes (which have no body) can run at all.
 
 Build it once per machine::
 
@@ -37,7 +40,8 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).resolve().parent
-SOURCE = KERNELS_DIR / "csrc" / "fastattention_cpu.cc"
+SOURCES = [KERNELS_DIR / "csrc" / "fastattention_cpu.cc"]
+HEADERS = [KERNELS_DIR / "csrc" / "fastattention_cpu.h"]
 BUILD_DIR = KERNELS_DIR / "build"
 HEADERS_DIR = BUILD_DIR / "ort-headers"
 LIBRARY = BUILD_DIR / "libfastattention_cpu.so"
@@ -71,11 +75,13 @@ def build_library(verbose: bool = False) -> Path:
 
     `verbose` streams the output of npm and g++ instead of capturing it.
     """
-    if not SOURCE.is_file():
-        raise BuildError(f"kernel source not found: {SOURCE}")
+    missing = [str(path) for path in SOURCES + HEADERS if not path.is_file()]
+    if missing:
+        raise BuildError(f"kernel sources not found: {', '.join(missing)}")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     fetch_headers(verbose)
-    if LIBRARY.is_file() and LIBRARY.stat().st_mtime >= SOURCE.stat().st_mtime:
+    newest = max(path.stat().st_mtime for path in SOURCES + HEADERS)
+    if LIBRARY.is_file() and LIBRARY.stat().st_mtime >= newest:
         log.info("kernel library is up to date: %s", LIBRARY)
         return LIBRARY
     compiler = shutil.which("g++")
@@ -84,8 +90,8 @@ def build_library(verbose: bool = False) -> Path:
     staging = (
         BUILD_DIR / f"{LIBRARY.name}.{os.getpid()}.tmp"
     )  # one per process: test workers may build at once
-    command = [compiler, *CXXFLAGS, f"-I{HEADERS_DIR}", str(SOURCE), "-o", str(staging)]
-    log.info("compiling %s -> %s", SOURCE.name, LIBRARY)
+    command = [compiler, *CXXFLAGS, f"-I{HEADERS_DIR}", *map(str, SOURCES), "-o", str(staging)]
+    log.info("compiling %s -> %s", ", ".join(path.name for path in SOURCES), LIBRARY)
     start = time.perf_counter()
     try:
         _run(command, verbose, "g++")
