@@ -67,8 +67,28 @@ def chunk_logits(engine: Engine, ids: list[int], chunk: int):
                 past_lens=np.array([start], np.int32),
                 total_lens=np.array([start + len(part)], np.int32),
                 logit_positions=np.arange(len(part))[None],
+                seq_slots=np.array([1], np.int32),  # slot 1 (0 is scratch): formats with per-sequence slots
             )
         )[0]
+
+
+def kv_bytes_at(engine: Engine, tokens: int) -> dict[str, int]:
+    """KV bytes of one sequence of `tokens` tokens: `allocated` by the runtime (its blocks, plus its slot
+    for a format with slots), and `held`: what the format keeps (an SAQ sequence's blocks of stages that
+    still sit in the slot's rings or sinks hold nothing yet)."""
+    artifact = engine.artifact
+    saq = getattr(artifact, "saq", None)
+    if saq is None:
+        size = artifact.kv_bytes_per_token * tokens
+        return {"allocated": size, "held": size}
+    layers = artifact.model.num_layers
+    closed = tokens // saq.stage
+    in_slot = min(closed, saq.sink + sum(c for _, c in saq.stairs[:-1]))
+    blocks = -(-tokens // saq.stage)
+    return {
+        "allocated": layers * (saq.slot_bytes + blocks * saq.block_bytes),
+        "held": layers * (saq.slot_bytes + (closed - in_slot) * saq.block_bytes),
+    }
 
 
 def reference_caches(model, schedule: SaqSchedule | None) -> list[SaqCache]:
@@ -248,8 +268,10 @@ def main(argv=None) -> int:
         result["kv_bytes_per_token"] = {n: e.artifact.kv_bytes_per_token for n, e in engines.items()}
         model = first.artifact.model
         fp16 = bytes_per_token("fp16", model.num_layers, model.num_kv_heads * model.head_dim, model.head_dim)
-        result["kv_memory_vs_fp16"] = {
-            n: round(fp16 / e.artifact.kv_bytes_per_token, 3) for n, e in engines.items()
+        at_window = {n: kv_bytes_at(e, args.window) for n, e in engines.items()}
+        result["kv_bytes_at_window"] = at_window
+        result["kv_memory_vs_fp16_at_window"] = {
+            n: {k: round(fp16 * args.window / v, 3) for k, v in b.items()} for n, b in at_window.items()
         }
         shown = ("perplexity", "delta_perplexity", "mean_kl", "greedy_agreement_256", "kv_bytes_per_token")
         print(json.dumps({k: result[k] for k in shown}, indent=1), flush=True)

@@ -3,7 +3,9 @@
     python -m benchmarks.kv_formats_cpu --artifacts fp32=DIR fp16=DIR int8=DIR int4=DIR [--context 4096]
 
 For every artifact (the same model exported with a different `--kv-dtype`):
-- kv bytes/token: from the manifest (K and V over all layers, scales included);
+- kv bytes/token: from the manifest (K and V over all layers, scales included); bytes of one sequence at
+  `--context` tokens, allocated by the runtime and held by the format (they differ for SAQ: see
+  benchmarks/kv_accuracy.kv_bytes_at);
 - decode tok/s at `--context`: in-process engine, a prompt of exactly `--context` tokens of standard-library
   docstrings, `--new-tokens` greedy tokens, (new - 1) / (first token -> last token); median of `--repeats`;
 - handoff over loopback: a real prefill service process (`python -m services.prefill`) prefills the prompt
@@ -28,6 +30,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from benchmarks.kv_accuracy import kv_bytes_at
 from exporters.calibration import stdlib_text
 from protos.edge.v1 import prefill_pb2, prefill_pb2_grpc
 from runtime.config import RuntimeConfig
@@ -110,9 +113,9 @@ def main(argv=None) -> int:
             ids = prompt_ids(engine, args.context)
             speeds = decode_speed(engine, ids, args.new_tokens, args.repeats)
             entry = {
-                "kv_format": engine.artifact.kv_format,
+                "kv_format": engine.artifact.kv_spec,
                 "kv_bytes_per_token": engine.artifact.kv_bytes_per_token,
-                "kv_bytes_at_context": engine.artifact.kv_bytes_per_token * args.context,
+                "kv_bytes_at_context": kv_bytes_at(engine, args.context),  # allocated / held
                 "decode_tok_s": speeds,
                 "decode_tok_s_median": statistics.median(speeds),
             }
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     base = next(iter(results.values()))
     for entry in results.values():
         entry["decode_vs_first"] = entry["decode_tok_s_median"] / base["decode_tok_s_median"]
-        entry["bytes_vs_first"] = entry["kv_bytes_per_token"] / base["kv_bytes_per_token"]
+        entry["bytes_vs_first"] = entry["kv_bytes_at_context"]["held"] / base["kv_bytes_at_context"]["held"]
     out = {
         "benchmark": "kv_formats_cpu",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
