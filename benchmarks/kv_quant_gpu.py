@@ -1,6 +1,6 @@
 """Quantized KV decode and Sage-style quantized prefill vs their fp16 baselines, one GPU, one process.
 
-    python -m benchmarks.kv_quant_gpu [--quick] [--no-tune] [--out PATH]
+    python -m benchmarks.kv_quant_gpu [--quick] [--no-tune] [--decode-only] [--out PATH]
 
 - **decode**: one query token per row, B in {1, 8}, N in {8k, 32k}, 32 query / 8 KV heads of 128, fp16
   q. Providers: ``fp16`` (kernels/attention_triton_decode.py over an fp16 pool), ``int8`` and ``int4``
@@ -16,7 +16,9 @@
   CUDNN_ATTENTION, enable_gqa). The Sage times include quantizing q, k and v (the whole call). TFLOP/s
   (TOPS for Sage) = 4 * B * Hq * N^2 * D / t, halved when causal; median of 20 CUDA-event timings
   after warm-up. Cosine: each output vs cuDNN's, per (batch, head), the minimum.
-- ``--no-tune`` skips timing QUANT_CANDIDATES (decode, B=1 N=32k) and SAGE_CANDIDATES (N=8k) first.
+- ``--no-tune`` skips timing QUANT_CANDIDATES (decode, B=8 N=32k) and SAGE_CANDIDATES (N=8k) first.
+- ``--decode-only`` runs the decode part and keeps the prefill rows of the results file it rewrites,
+  under ``prefill_environment`` / ``prefill_command`` (the run that measured them).
 Results go to benchmarks/results/kv_quant_gpu.json with the card, date, versions and command.
 """
 
@@ -142,12 +144,13 @@ def decode_bytes(batch: int, length: int, provider: str) -> int:
     return batch * length * per_token + 2 * batch * num_heads * head_dim * 2
 
 
-def tune_decode(l2_bytes: int) -> dict:
-    sets, meta = decode_pools(1, 32768, l2_bytes)
+def tune_decode(l2_bytes: int, record: dict) -> dict:
+    """The fastest QUANT_CANDIDATES config per format at B=8 N=32k; every timing goes to record."""
+    sets, meta = decode_pools(8, 32768, l2_bytes)
     best = {}
     for fmt in FORMATS:
         timings = []
-        for config in QUANT_CANDIDATES:
+        for config in QUANT_CANDIDATES[fmt]:
             try:
                 ms = graph_ms_per_call([decode_call(s, fmt, meta, config) for s in sets])
                 timings.append((ms, config))
@@ -155,7 +158,8 @@ def tune_decode(l2_bytes: int) -> dict:
                 print(f"tune {fmt} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         ms, config = min(timings, key=lambda t: t[0])
         best[fmt] = config
-        cells = ", ".join(f"{c.block_n}/{c.num_warps}/{c.num_stages}: {t * 1e3:.1f}" for t, c in timings)
+        record[fmt] = [dict(vars(c), us=t * 1e3) for t, c in timings]
+        cells = ", ".join(f"{tuple(vars(c).values())}: {t * 1e3:.1f}" for t, c in timings)
         print(f"tune decode {fmt}: best {config} {ms * 1e3:.1f} us ({cells})", flush=True)
     del sets
     torch.cuda.empty_cache()
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tune", action="store_true", help="use the kernels' config tables as they are")
     parser.add_argument("--quick", action="store_true", help="N=8k decode and N=4k prefill only")
+    parser.add_argument("--decode-only", action="store_true", help="keep the results file's prefill rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = environment()
@@ -290,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     decode_configs = dict(QUANT_DECODE_CONFIGS)
     sage_config = SAGE_CONFIGS[HEADS[2]]
     if not args.no_tune:
-        decode_configs = guarded(results, "tune_decode", tune_decode, l2) or decode_configs
-        sage_config = guarded(results, "tune_sage", tune_sage) or sage_config
+        tuning = results.setdefault("decode_tuning_B8_N32768", {})
+        decode_configs = guarded(results, "tune_decode", tune_decode, l2, tuning) or decode_configs
+        if not args.decode_only:
+            sage_config = guarded(results, "tune_sage", tune_sage) or sage_config
     results["configs"] = dict(decode={f: vars(c) for f, c in decode_configs.items()}, sage=vars(sage_config))
     results["decode"], results["prefill"] = [], []
     lengths = DECODE_LENGTHS[:1] if args.quick else DECODE_LENGTHS
@@ -303,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             if row:
                 results["decode"].append(row)
                 print(json.dumps(row), flush=True)
-    for length in PREFILL_LENGTHS[:1] if args.quick else PREFILL_LENGTHS:
+    if args.decode_only:
+        keep = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results["configs"]["sage"] = keep.get("configs", {}).get("sage")
+        results["prefill"] = keep.get("prefill", [])
+        results["prefill_environment"] = keep.get("prefill_environment", keep.get("environment"))
+        results["prefill_command"] = keep.get("prefill_command", keep.get("command"))
+    for length in [] if args.decode_only else PREFILL_LENGTHS[:1] if args.quick else PREFILL_LENGTHS:
         for causal in (True, False):
             row = guarded(results, f"prefill_N{length}_{causal}", bench_prefill, length, causal, sage_config)
             if row:

@@ -15,15 +15,27 @@ a quantized pool); formats, scales and the K smoothing are specified bit for bit
   straddles two heads, and the half-width nibble tiles are powers of two).
 
 No dequantized copy of the pool is made: each program loads a tile of codes and its scales and
-dequantizes in registers. int8: scores = (q . codes) * k_scale per key (the scale is per token and
-head, so it leaves the dot), and V's per-token scale is folded into the probabilities before P.V.
-int4: a byte tile [BLOCK_N, D/2] splits into its even and odd channels, each scaled by its group's scale;
-q is held as its even and odd channels, so QK^T is two half-width dots and P.V fills two half-width
-accumulators (even and odd output channels). P.V runs in fp16 with fp32 accumulation.
+dequantizes in registers. int8: Q.K^T runs on the int8 tensor cores over the codes as stored: each q row
+is split into two int8 digits, q ~ sq (q_hi + q_lo / 254) with sq = max|q row| / 127 (about 15 bits,
+finer than fp16), and scores = (254 q_hi.k + q_lo.k) (exact in int32) * sq / 254 * k_scale per key (the
+scale is per token and head, so it leaves the dot); V's per-token scale is folded into the probabilities
+before P.V. int4: a byte tile splits into its even and odd channels, each times its group's scale (fp16,
+rounded once as the reference's fp32 product); q is held as its even and odd channels, so QK^T is two
+half-width dots and P.V fills two half-width accumulators (even and odd output channels). P.V runs in
+fp16 with fp32 accumulation.
+
+On the GPU, V codes (and int4 K codes) become fp16 through PTX bit tricks (four codes per 32-bit word in
+a few integer and f16x2 instructions) instead of per-code int-to-float conversions, which are
+quarter-rate and made the kernels compute-bound; the interpreter, which has no PTX, converts with plain
+casts (the same values: every code is exact in fp16). V is converted in its row-major load layout and
+reaches the tensor cores as fp16 through ldmatrix.trans: converted in the dot-operand layout
+(consecutive keys per thread, a row apart) it would be read from shared memory one byte at a time.
 
 Everything else is the fp16 kernel's algorithm (flash-decoding): a program owns all GROUP*S query rows
 of one (row b, KV head) as one tile, streams its split of the keys through an online softmax in base 2,
 and ``kernels.attention_triton_decode._decode_merge_kernel`` merges the splits (same partial layout).
+A program's first tile starts on a BLOCK_N boundary, so a tile's rows sit at fixed slots of whole pages
+and need no mask (keys past the range read block 0's finite codes, with zero scales).
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
@@ -33,18 +45,20 @@ bit for bit as ``quantize_kv_ref`` (fp32 divisions correctly rounded, round-half
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.attention_triton_decode import (
     LOG2E,
+    MAX_PARTIAL_ELEMENTS,
     MAX_QUERY_TOKENS,
     MAX_ROWS_PER_PROGRAM,
-    DecodeConfig,
     _decode_merge_kernel,
     _key_range,
-    _num_splits,
+    _sm_count,
     _softmax_step,
     _store_result,
 )
@@ -54,23 +68,109 @@ HEAD_DIMS = {"int8": (64, 80, 96, 128), "int4": (64, 128)}
 DTYPES = (torch.float16, torch.bfloat16)
 CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 half to even
+Q_LO_STEPS = tl.constexpr(254)  # int8 decode: q's second int8 digit, in steps of 1/254 of the first's
+
+
+@dataclass(frozen=True)
+class QuantDecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 3  # the split count aims at one wave of this many programs per SM
+    maxnreg: int | None = None  # register cap per thread (None: the compiler's choice)
+
 
 # Tile configs by format, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
-# by `python -m benchmarks.kv_quant_gpu` (times QUANT_CANDIDATES at B=1, N=32k, 32/8 heads of 128, and
-# records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same command.
-QUANT_DECODE_CONFIGS = {"int8": DecodeConfig(128, 4, 4), "int4": DecodeConfig(128, 4, 4)}
-QUANT_CANDIDATES = [DecodeConfig(n, w, s) for n in (64, 128) for w in (4, 8) for s in (3, 4)]
-INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
+# by `python -m benchmarks.kv_quant_gpu --decode-only` (times QUANT_CANDIDATES at B=8, N=32k, 32/8 heads
+# of 128, and records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same
+# command. The kernels are latency-bound (ncu on their previous revision, 2026-11-25: 0.31 warp
+# instructions issued per scheduler cycle, 2.4 warps resident per scheduler), so occupancy pays: register
+# caps (int8 223.6 us at 128 vs 231.7 us uncapped; int4 240.3 us at 168, three programs per SM, vs 268.8
+# us), and splits for one full wave of 3 programs per SM rather than 2 (int8 272.3 us).
+QUANT_DECODE_CONFIGS = {
+    "int8": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=128),
+    "int4": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=168),
+}
+QUANT_CANDIDATES = {
+    "int8": [
+        QuantDecodeConfig(128, 4, 3, 3, 128),
+        QuantDecodeConfig(128, 4, 3, 3),
+        QuantDecodeConfig(128, 4, 3, 2),
+    ],
+    "int4": [
+        QuantDecodeConfig(128, 4, 3, 3, 168),
+        QuantDecodeConfig(128, 4, 3, 3),
+        QuantDecodeConfig(64, 4, 3, 4, 128),
+    ],
+}
+INTERPRETER_CONFIG = QuantDecodeConfig(16, 1, 1, 4)  # 4 programs on the interpreter's 4 "SMs": tests split
 
 
-# ---------------------------------------------------------------- shared pieces of the two read kernels
+# ---------------------------------------------------------------- codes to fp16
+
+# int8 codes -> fp16, four per 32-bit word (the FasterTransformer trick): x ^ 0x80 is x + 128 as an
+# unsigned byte; under the fp16 exponent of 1024 (high byte 0x64) it reads 1024 + x + 128, and an f16x2
+# subtraction of 1152 leaves x, exactly. Output pairs: (code 0, code 1), (code 2, code 3) of the word.
+S8_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 t, m;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64806480;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+sub.rn.f16x2 $0, $0, m;
+sub.rn.f16x2 $1, $1, m;
+}""")
+# int4 bytes -> (even channel * scale, odd channel * scale) fp16, four bytes per word: bytes 0-1 and 2-3
+# are spread to the 16-bit halves of y0 and y1; a nibble n (two's complement) masked under 1024's exponent
+# and xor-ed with 8 reads 1024 + n + 8 (low nibble: subtract 1032) or 1024 + 16 (n + 8) (high nibble:
+# times 1/16, minus 72), both exact; times the bytes' scales ($5, $6, in pairs) rounds once, as the
+# reference's fp32 product rounded to fp16. $0, $1: even channels of bytes 0-3; $2, $3: odd channels.
+U4X2_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 y0, y1, lo, hi, sixteenth;
+prmt.b32 y0, $4, 0, 0x4140;
+prmt.b32 y1, $4, 0, 0x4342;
+mov.b32 lo, 0x64086408;
+mov.b32 hi, 0xd480d480;
+mov.b32 sixteenth, 0x2c002c00;
+lop3.b32 $0, y0, 0x000f000f, 0x64086408, 0x6a;
+lop3.b32 $1, y1, 0x000f000f, 0x64086408, 0x6a;
+lop3.b32 $2, y0, 0x00f000f0, 0x64806480, 0x6a;
+lop3.b32 $3, y1, 0x00f000f0, 0x64806480, 0x6a;
+sub.rn.f16x2 $0, $0, lo;
+sub.rn.f16x2 $1, $1, lo;
+fma.rn.f16x2 $2, $2, sixteenth, hi;
+fma.rn.f16x2 $3, $3, sixteenth, hi;
+mul.rn.f16x2 $0, $0, $5;
+mul.rn.f16x2 $1, $1, $6;
+mul.rn.f16x2 $2, $2, $5;
+mul.rn.f16x2 $3, $3, $6;
+}""")
 
 
 @triton.jit
-def _unpack_int4(byte):
-    """uint8 -> (even channel, odd channel) as int32 in [-8, 7] (two's complement nibbles)."""
+def _int8_to_f16(codes, FAST: tl.constexpr):
+    """int8 V codes -> fp16, exact. FAST: the PTX above (the interpreter has none), marked impure so that
+    Triton converts in the load's row-major layout and moves fp16 to the dot operand (ldmatrix.trans)
+    rather than hoisting the conversion behind that move (module docstring)."""
+    if FAST:
+        return tl.inline_asm_elementwise(S8_TO_F16_ASM, "=r,=r,r", [codes], dtype=tl.float16, is_pure=False,
+                                         pack=4)  # fmt: skip
+    return codes.to(tl.float16)
+
+
+@triton.jit
+def _int4_to_f16(byte, scale, FAST: tl.constexpr, KEEP_LAYOUT: tl.constexpr):
+    """uint8 bytes, fp16 scales of their shape -> (even channel, odd channel) * scale, fp16 rounded once.
+    KEEP_LAYOUT (for V) marks the asm impure, as in _int8_to_f16; K's is hoisted into its dot operand."""
+    if FAST:
+        return tl.inline_asm_elementwise(U4X2_TO_F16_ASM, "=r,=r,=r,=r,r,r,r", [byte, scale],
+                                         dtype=(tl.float16, tl.float16), is_pure=not KEEP_LAYOUT,
+                                         pack=4)  # fmt: skip
     byte = byte.to(tl.int32)
-    return ((byte & 15) ^ 8) - 8, (((byte >> 4) & 15) ^ 8) - 8
+    scale = scale.to(tl.float32)
+    even = (((byte & 15) ^ 8) - 8).to(tl.float32) * scale
+    odd = ((((byte >> 4) & 15) ^ 8) - 8).to(tl.float32) * scale
+    return even.to(tl.float16), odd.to(tl.float16)
 
 
 # ---------------------------------------------------------------- the read kernels
@@ -84,7 +184,7 @@ def _decode_int8_kernel(
     seq_q, kv_per_split, qk_scale, window, NUM_KV_HEADS, NUM_ROW_TILES,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,38 +199,64 @@ def _decode_int8_kernel(
     d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
     q_offs = b64 * stride_qb + s_idx[:, None] * stride_qs + head[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q_hi, q_lo, row_scale = _split_q(q)
+    row_scale = row_scale * qk_scale
     start, end, past = _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAUSAL,
                                   HAS_WINDOW)  # fmt: skip
+    start = start // BLOCK_N * BLOCK_N  # tile-aligned: the keys this adds before a window's are masked
     pos_q = past + s_idx
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     table = BLOCK_TABLE + b64 * stride_tb
-    col = kv_h * HEAD_DIM + offs_d[None, :]
+    offs_n = tl.arange(0, BLOCK_N)
+    # tile row i: page block_table[(n + i) // PAGE_SIZE], slot n % PAGE_SIZE + i % PAGE_SIZE (n aligned)
+    k_tile = (offs_n % PAGE_SIZE)[:, None] * stride_kt + kv_h * HEAD_DIM + offs_d[None, :]
+    v_tile = (offs_n % PAGE_SIZE)[:, None] * stride_vt + kv_h * HEAD_DIM + offs_d[None, :]
     for n in range(start, end, BLOCK_N):
-        pos_k = n + tl.arange(0, BLOCK_N)
+        pos_k = n + offs_n
         k_ok = pos_k < end
         block = tl.load(table + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = pos_k % PAGE_SIZE
-        kv_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            K_CODES + block[:, None] * stride_kb + slot[:, None] * stride_kt + col, mask=kv_ok, other=0
-        )
-        v = tl.load(
-            V_CODES + block[:, None] * stride_vb + slot[:, None] * stride_vt + col, mask=kv_ok, other=0
-        )
+        first = n % PAGE_SIZE
+        slot = first + offs_n % PAGE_SIZE
+        k = _load_codes(K_CODES + block * stride_kb + first * stride_kt, k_tile, d_ok, HEAD_DIM, BLOCK_D)
+        v = _load_codes(V_CODES + block * stride_vb + first * stride_vt, v_tile, d_ok, HEAD_DIM, BLOCK_D)
         k_scale = tl.load(K_SCALES + block * stride_ksb + slot * stride_kst + kv_h, mask=k_ok, other=0.0)
         v_scale = tl.load(V_SCALES + block * stride_vsb + slot * stride_vst + kv_h, mask=k_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_scale.to(tl.float32) * qk_scale)[None, :]
+        s = (tl.dot(q_hi, tl.trans(k)) * Q_LO_STEPS + tl.dot(q_lo, tl.trans(k))).to(tl.float32)
+        s = s * row_scale[:, None] * k_scale.to(tl.float32)[None, :]
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
         p_scaled = (p * v_scale.to(tl.float32)[None, :]).to(tl.float16)
-        acc = tl.dot(p_scaled, v.to(tl.float16), acc * alpha[:, None])
+        acc = tl.dot(p_scaled, _int8_to_f16(v, FAST), acc * alpha[:, None])
 
     _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
                   s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
                   HEAD_DIM, BLOCK_D, BLOCK_R, SPLIT, RETURN_LSE, True)  # fmt: skip
+
+
+@triton.jit
+def _split_q(q):
+    """q [R, D] fp32 -> (q_hi, q_lo int8, row scale sq / Q_LO_STEPS) with q ~ sq (q_hi + q_lo / Q_LO_STEPS),
+    sq = max|q row| / 127: q to about 15 bits, finer than fp16, so that Q.K^T runs on the int8 tensor
+    cores over the codes as stored; Q_LO_STEPS q_hi.k + q_lo.k stays below 2**31 for D <= 128."""
+    sq = tl.max(tl.abs(q), 1) / 127.0
+    sq = tl.where(sq > 0.0, sq, 1.0)
+    x = q / sq[:, None]
+    hi = (x + ROUND_MAGIC) - ROUND_MAGIC
+    lo = ((x - hi) * Q_LO_STEPS + ROUND_MAGIC) - ROUND_MAGIC
+    lo = tl.minimum(tl.maximum(lo, -127.0), 127.0)
+    return hi.to(tl.int8), lo.to(tl.int8), sq / Q_LO_STEPS
+
+
+@triton.jit
+def _load_codes(row_ptr, tile, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """int8 codes at row_ptr[:, None] + tile, rows unmasked (module docstring); channels past HEAD_DIM
+    (80, 96 in a tile of 128) masked."""
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(row_ptr[:, None] + tile)
+    return tl.load(row_ptr[:, None] + tile, mask=d_ok[None, :], other=0)
 
 
 @triton.jit
@@ -141,10 +267,11 @@ def _decode_int4_kernel(
     seq_q, kv_per_split, qk_scale, window, NUM_KV_HEADS, NUM_ROW_TILES,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, SCALE_GROUP: tl.constexpr,
+    SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, FAST: tl.constexpr, SCALE_GROUP: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUPS: tl.constexpr = HEAD_DIM // SCALE_GROUP  # scale groups per head
+    GROUP_BYTES: tl.constexpr = SCALE_GROUP // 2
     pid = tl.program_id(0)
     split = tl.program_id(1)
     row_tile = pid % NUM_ROW_TILES
@@ -155,13 +282,13 @@ def _decode_int4_kernel(
     head = kv_h * GROUP + rows % GROUP
     row_ok = s_idx < seq_q
     offs_j = tl.arange(0, HALF)  # byte j of a head holds channels 2j (low nibble) and 2j + 1
-    offs_g = tl.arange(0, GROUPS)
     b64 = b.to(tl.int64)
     q_row = Q + b64 * stride_qb + s_idx[:, None] * stride_qs + head[:, None] * HEAD_DIM
     q_even = tl.load(q_row + 2 * offs_j[None, :], mask=row_ok[:, None], other=0.0)
     q_odd = tl.load(q_row + 2 * offs_j[None, :] + 1, mask=row_ok[:, None], other=0.0)
     start, end, past = _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAUSAL,
                                   HAS_WINDOW)  # fmt: skip
+    start = start // BLOCK_N * BLOCK_N  # tile-aligned: the keys this adds before a window's are masked
     pos_q = past + s_idx
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -169,34 +296,37 @@ def _decode_int4_kernel(
     acc_even = tl.zeros([BLOCK_R, HALF], dtype=tl.float32)
     acc_odd = tl.zeros([BLOCK_R, HALF], dtype=tl.float32)
     table = BLOCK_TABLE + b64 * stride_tb
-    byte_col = kv_h * HALF + offs_j[None, :]
-    scale_col = kv_h * GROUPS + offs_g[None, :]
+    offs_n = tl.arange(0, BLOCK_N)
+    # bytes as [BLOCK_N, GROUPS, GROUP_BYTES]: a byte's scale is then a broadcast along the last axis
+    groups = tl.arange(0, GROUPS)[None, :, None]
+    bytes_3d = kv_h * HALF + groups * GROUP_BYTES + tl.arange(0, GROUP_BYTES)[None, None, :]
+    k_tile = (offs_n % PAGE_SIZE)[:, None, None] * stride_kt + bytes_3d
+    v_tile = (offs_n % PAGE_SIZE)[:, None, None] * stride_vt + bytes_3d
+    k_scale_cols = kv_h * GROUPS + groups
+    # V's with their contiguity hidden from Triton: they then load one per thread, in the layout of the V
+    # bytes (a thread's 16 bytes are one group), instead of four per thread, which moved the V
+    # conversion into a layout that stores fp16 to shared memory two bytes at a time
+    v_scale_cols = kv_h * GROUPS + groups * 3 // 3
     for n in range(start, end, BLOCK_N):
-        pos_k = n + tl.arange(0, BLOCK_N)
+        pos_k = n + offs_n
         k_ok = pos_k < end
         block = tl.load(table + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-        slot = pos_k % PAGE_SIZE
-        k_bytes = tl.load(K_CODES + block[:, None] * stride_kb + slot[:, None] * stride_kt + byte_col,
-                          mask=k_ok[:, None], other=0)  # fmt: skip
-        v_bytes = tl.load(V_CODES + block[:, None] * stride_vb + slot[:, None] * stride_vt + byte_col,
-                          mask=k_ok[:, None], other=0)  # fmt: skip
-        k_scale = tl.load(K_SCALES + block[:, None] * stride_ksb + slot[:, None] * stride_kst + scale_col,
-                          mask=k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-        v_scale = tl.load(V_SCALES + block[:, None] * stride_vsb + slot[:, None] * stride_vst + scale_col,
-                          mask=k_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-        # [BLOCK_N, GROUPS] -> [BLOCK_N, HALF]: byte j's scale is its group's, j // (SCALE_GROUP / 2)
-        k_scale = tl.reshape(tl.broadcast_to(k_scale[:, :, None], (BLOCK_N, GROUPS, SCALE_GROUP // 2)),
-                             (BLOCK_N, HALF))  # fmt: skip
-        v_scale = tl.reshape(tl.broadcast_to(v_scale[:, :, None], (BLOCK_N, GROUPS, SCALE_GROUP // 2)),
-                             (BLOCK_N, HALF))  # fmt: skip
-        k_even, k_odd = _unpack_int4(k_bytes)
-        s = tl.dot(q_even, tl.trans((k_even.to(tl.float32) * k_scale).to(q_even.dtype)))
-        s = tl.dot(q_odd, tl.trans((k_odd.to(tl.float32) * k_scale).to(q_odd.dtype)), s) * qk_scale
+        first = n % PAGE_SIZE
+        slot = first + offs_n % PAGE_SIZE
+        k_bytes = tl.load((K_CODES + block * stride_kb + first * stride_kt)[:, None, None] + k_tile)
+        v_bytes = tl.load((V_CODES + block * stride_vb + first * stride_vt)[:, None, None] + v_tile)
+        k_scale = tl.load((K_SCALES + block * stride_ksb + slot * stride_kst)[:, None, None] + k_scale_cols,
+                          mask=k_ok[:, None, None], other=0.0)  # fmt: skip
+        v_scale = tl.load((V_SCALES + block * stride_vsb + slot * stride_vst)[:, None, None] + v_scale_cols,
+                          mask=k_ok[:, None, None], other=0.0)  # fmt: skip
+        k_even, k_odd = _int4_to_f16(k_bytes, k_scale, FAST, False)
+        s = tl.dot(q_even, tl.trans(tl.reshape(k_even, (BLOCK_N, HALF)).to(q_even.dtype)))
+        s = tl.dot(q_odd, tl.trans(tl.reshape(k_odd, (BLOCK_N, HALF)).to(q_odd.dtype)), s) * qk_scale
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
         p = p.to(tl.float16)
-        v_even, v_odd = _unpack_int4(v_bytes)
-        acc_even = tl.dot(p, (v_even.to(tl.float32) * v_scale).to(tl.float16), acc_even * alpha[:, None])
-        acc_odd = tl.dot(p, (v_odd.to(tl.float32) * v_scale).to(tl.float16), acc_odd * alpha[:, None])
+        v_even, v_odd = _int4_to_f16(v_bytes, v_scale, FAST, True)
+        acc_even = tl.dot(p, tl.reshape(v_even, (BLOCK_N, HALF)), acc_even * alpha[:, None])
+        acc_odd = tl.dot(p, tl.reshape(v_odd, (BLOCK_N, HALF)), acc_odd * alpha[:, None])
 
     _store_result(acc_even, 2 * offs_j, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile,
                   split, rows, s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES,
@@ -281,12 +411,14 @@ def flash_attention_decode_quant(
     causal: bool = True,
     sliding_window: int = 0,
     num_splits: int | None = None,
-    config: DecodeConfig | None = None,
+    config: QuantDecodeConfig | None = None,
     return_lse: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the quantized paged pool (module docstring); returns o [B, S, Hq*D], or
-    (o, lse [B, S, Hq] fp32) when ``return_lse``. ``num_splits``/``config`` as flash_attention_decode."""
+    (o, lse [B, S, Hq] fp32) when ``return_lse``. ``num_splits`` None fills one wave of
+    ``config.programs_per_sm`` programs per SM; 1 disables the merge step. ``config`` overrides the tuned
+    one (QUANT_DECODE_CONFIGS)."""
     _check_inputs(q, k_codes, v_codes, k_scales, v_scales, block_table, past_lens, total_lens, num_heads,
                   num_kv_heads, kv_format, sliding_window)  # fmt: skip
     block_table = block_table.contiguous()
@@ -307,9 +439,13 @@ def flash_attention_decode_quant(
     max_keys = block_table.shape[1] * page_size
     programs = batch * num_kv_heads * row_tiles
     if num_splits is None:
-        num_splits = _num_splits(programs, max_keys, config.block_n, block_d, q.device)
+        num_splits = _num_splits(programs, max_keys, config, block_d, q.device)
     kv_per_split = triton.cdiv(triton.cdiv(max_keys, max(num_splits, 1)), config.block_n) * config.block_n
     num_splits = max(1, triton.cdiv(max_keys, kv_per_split))
+    if triton.next_power_of_2(num_splits) * block_d > MAX_PARTIAL_ELEMENTS:
+        raise ValueError(
+            f"num_splits {num_splits} is over {MAX_PARTIAL_ELEMENTS // block_d} for head_dim {head_dim}"
+        )
     rows_padded = row_tiles * block_r
     split = num_splits > 1
     part_shape = (batch * num_kv_heads * rows_padded, num_splits) if split else (1, 1)
@@ -317,9 +453,11 @@ def flash_attention_decode_quant(
     m_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
     l_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
-    kernel, extra = _decode_int8_kernel, {}
+    kernel, extra = _decode_int8_kernel, {"FAST": q.is_cuda}
     if kv_format == "int4":
-        kernel, extra = _decode_int4_kernel, {"SCALE_GROUP": INT4_GROUP}
+        kernel, extra = _decode_int4_kernel, {"FAST": q.is_cuda, "SCALE_GROUP": INT4_GROUP}
+    if config.maxnreg is not None and q.is_cuda:
+        extra["maxnreg"] = config.maxnreg
     kernel[(programs, num_splits)](
         q, k_codes, v_codes, k_scales, v_scales, block_table, past_lens, total_lens, o, lse, o_part, m_part,
         l_part, q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), v_codes.stride(0),
@@ -338,6 +476,13 @@ def flash_attention_decode_quant(
             num_warps=4 if q.is_cuda else 1,
         )  # fmt: skip
     return (o, lse) if return_lse else o
+
+
+def _num_splits(programs: int, max_keys: int, config: QuantDecodeConfig, block_d: int, device) -> int:
+    """The most splits that keep programs * splits within one wave of config.programs_per_sm per SM (a
+    second, partial wave would double the time), none shorter than one key tile."""
+    wanted = config.programs_per_sm * _sm_count(device) // programs
+    return max(1, min(wanted, triton.cdiv(max_keys, config.block_n), MAX_PARTIAL_ELEMENTS // block_d))
 
 
 def write_kv_cache_quant(

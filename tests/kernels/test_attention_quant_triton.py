@@ -9,6 +9,8 @@ test_attention_triton.py); with CUDA the same tests run on the device, plus the 
 - Read path: o is held to the FlashAttention rule against the spec on the same (already quantized)
   pool: ``max|out - ref| <= 2 * max|ref_rounded - ref| + atol``, ref in fp32 and ref_rounded the same
   rounded to q's dtype; atol 2e-3 (the kernel rounds probabilities, and int4 keys, to fp16 for the dots).
+- The code-to-fp16 conversions (PTX bit tricks on the GPU, casts in the interpreter) equal torch's
+  conversion bit for bit, for every byte value.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from kernels.attention_triton_quant import (  # noqa: E402
+    _int4_to_f16,
+    _int8_to_f16,
     flash_attention_decode_quant,
     paged_attention_quant,
     write_kv_cache_quant,
@@ -195,6 +202,35 @@ def test_decode_quant_rejects_bad_inputs(change, message):
     args = {name: x.to(DEVICE) if torch.is_tensor(x) else x for name, x in args.items()}
     with pytest.raises(ValueError, match=message):
         flash_attention_decode_quant(**args)
+
+
+@triton.jit
+def _convert_kernel(CODES, SCALES, OUT8, OUT_EVEN, OUT_ODD, FAST: tl.constexpr, KEEP_LAYOUT: tl.constexpr):
+    offs = tl.arange(0, 16)[:, None] * 64 + tl.arange(0, 64)[None, :]
+    codes = tl.load(CODES + offs)
+    tl.store(OUT8 + offs, _int8_to_f16(codes.to(tl.int8, bitcast=True), FAST))
+    even, odd = _int4_to_f16(codes, tl.load(SCALES + offs), FAST, KEEP_LAYOUT)
+    tl.store(OUT_EVEN + offs, even)
+    tl.store(OUT_ODD + offs, odd)
+
+
+@pytest.mark.parametrize("keep_layout", [False, True])
+def test_code_conversions_are_exact(keep_layout):
+    """Every byte, as an int8 code and as two int4 codes times scales of every magnitude (subnormal
+    products included), converts as torch does: bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randperm(1024, generator=gen).remainder(256).to(torch.uint8).view(16, 64)
+    exponents = torch.randint(-20, 12, (16, 64), generator=gen).float()
+    scales = (torch.randn(16, 64, generator=gen) * 2.0**exponents).half()
+    outs = [torch.empty(16, 64, dtype=torch.float16, device=DEVICE) for _ in range(3)]
+    _convert_kernel[(1,)](codes.to(DEVICE), scales.to(DEVICE), *outs, FAST=DEVICE == "cuda",
+                          KEEP_LAYOUT=keep_layout, num_warps=1)  # fmt: skip
+    as_int8 = codes.view(torch.int8)
+    even = (codes.int() & 15) - 16 * ((codes.int() >> 3) & 1)  # the low nibble, two's complement
+    odd = (codes.int() >> 4) - 16 * ((codes.int() >> 7) & 1)
+    wants = [as_int8.half(), (even.float() * scales.float()).half(), (odd.float() * scales.float()).half()]
+    for name, got, want in zip(("int8", "int4 even", "int4 odd"), outs, wants):
+        assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)), f"{name} codes differ"
 
 
 # ---------------------------------------------------------------- large shapes (the GPU; CI skips them)
