@@ -1,0 +1,592 @@
+"""The SAQ staircase KV cache on the GPU: a Triton split-KV attention kernel that reads the staircase's
+records directly, the write path (closing stages, the cascade, the clipping search) as torch ops on
+the device, and the node ``paged_attention_saq`` (attend, then write).
+
+Contract: ``kernels.kv_saq.paged_attention_saq_ref`` (the ``fastattention::FlashAttentionSaq`` node);
+the byte layout is ``kernels.kv_formats.SaqFormat``'s.
+
+- q [B, S, Hq*D] fp16, bf16 or fp32, heads interleaved as ``x.view(B, S, Hq, D)``; k, v [B, S, W]
+  (W = Hkv*D = fmt.width): row b's first total - past tokens are new (positions past..total-1), the
+  rest padding (read by no key, never written). o [B, S, Hq*D] in q's dtype.
+- kv_pool uint8 [NB, fmt.block_bytes] (bottom-stair records, logical stage j of row b in block
+  block_table[b, j]), kv_slots uint8 [NS, fmt.slot_bytes] (row b's slot seq_slots[b]: the open stage's
+  fp16 K and V, the sink records, the upper stairs' rings), both contiguous.
+- block_table [B, max_blocks], past_lens, total_lens, seq_slots [B]: int32. Causal is bottom-right:
+  query s of row b sits at past + s and sees keys j <= past + s, j < total; sliding window W > 0:
+  also past + s - j < W. A query that sees no key outputs zeros.
+- Read before write: positions < past come from the cache as it was before this call, positions
+  >= past from k/v rounded to fp16 (what the open stage will hold).
+
+Read kernel (``flash_attention_decode_saq``). One program per (row b, KV head, row tile, split) owns the
+GROUP query heads of that KV head for the row's S tokens as one tile (GQA packing, as
+kernels/attention_triton_decode.py) and streams its split of the key positions; splits are whole stages.
+Each closed stage is read where the format keeps it, at the width its age gives it
+(SaqFormat.stair_of_age; sinks at the top stair's): the sink records and the upper stairs' rings in the
+slot, the bottom stair in the paged pool through the block table. Every stair is its own loop with its
+width as a constexpr, so a tile's dequantization has no branch: codes are unpacked in registers (uint8 ->
+[BLOCK_N, D] codes, first channel in the low bits), K = code * k_scale + k_lo per channel of the stage, V
+= code * v_scale + v_lo per token and group, in fp16 (a fused multiply-add on the GPU: the exact value
+rounded once) for fp16 dots with fp32 accumulation. The open stage's rows come from the slot's fp16 tail
+(positions < past), the new tokens from k/v. The online softmax, the key range and the partial store are
+the fp16 decode kernel's helpers; ``_decode_merge_kernel`` merges the splits. Split counts depend on
+shapes only: the read kernel can be captured in a CUDA graph. Any S works: S > ~16 (a prefill chunk) runs
+GROUP*S rows as row tiles of 64 that each re-read their keys (bounded by the tile's last query when
+causal); fine for chunks, not a prefill kernel. Heads of 32, 64 or 128 channels, at most 4 stairs, and V
+groups that a head's channels divide or that divide a head; other formats use ``attention_saq_torch``.
+
+Write path (``write_kv_saq``): torch on the device, after one read of the lengths to the host (a stage
+closes once per `stage` tokens of a row; the tail write is one indexed copy). Closing a stage is the
+spec's ``_SlotView.close``: stages leaving a stair move one down (bottom first), re-quantized from their
+dequantized values, then the new stage is encoded at the top stair. Clipped stairs search all ratios of
+SAQ_CLIP_RATIOS at once (``quantize_device``); sums run in another order than the spec's loop, so a
+near-tie may pick another ratio (the spec allows it; tests compare with a tolerance there).
+
+Open (2026-11-25, H100, triton 3.6): the GPU tests of two small formats, "8:1,4:2,2;stage=8" and
+"4:2,2;stage=8;sink=2" (the only tested ones with a 2-entry ring or two sinks), got wrong outputs for
+the rows that read closed stages, while the interpreter passes them (also with the H100's split count
+and the GPU's write numerics) and the default format passes on the GPU. Not understood yet; see
+tests/kernels/test_attention_saq_triton.py (test_decode_token_by_token_matches_spec).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.attention_triton_decode import (
+    LOG2E,
+    MAX_ROWS_PER_PROGRAM,
+    DecodeConfig,
+    _decode_merge_kernel,
+    _key_range,
+    _num_splits,
+    _softmax_step,
+    _store_result,
+)
+from kernels.kv_formats import SAQ_CLIP_RATIOS, SaqFormat
+from kernels.kv_saq import _pack, _SlotView, decode_record
+
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_STAIRS = 4  # three upper stairs (constexpr parameters of the kernel) and the bottom one
+
+# Tile configs by head_dim, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
+# by `python -m benchmarks.kv_saq_gpu` (times SAQ_CANDIDATES at B=1, N=32k, default format, and records
+# them in benchmarks/results/kv_saq_gpu.json; 128/8 needs more shared memory than sm_90 has at D=128).
+# 32 is untuned. Re-tune on another card with the same command and copy the best configs here.
+SAQ_DECODE_CONFIGS = {32: DecodeConfig(64, 4, 3), 64: DecodeConfig(64, 4, 3), 128: DecodeConfig(32, 4, 3)}
+SAQ_CANDIDATES = [DecodeConfig(n, w, 3) for n, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _unpack_codes(ROW, row_ok, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_N, HEAD_DIM] of one head; ROW [BLOCK_N, 1] points at each token row's first byte of
+    the head. Packed along channels, first channel in the low bits: 2-bit byte j holds channels
+    4j..4j+3, so joining (c0, c2) and (c1, c3) then (even, odd) interleaves them back in order."""
+    if BITS == 8:
+        codes = tl.load(ROW + tl.arange(0, HEAD_DIM)[None, :], mask=row_ok[:, None], other=0)
+    elif BITS == 4:
+        byte = tl.load(ROW + tl.arange(0, HEAD_DIM // 2)[None, :], mask=row_ok[:, None], other=0)
+        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, HEAD_DIM))
+    else:
+        byte = tl.load(ROW + tl.arange(0, HEAD_DIM // 4)[None, :], mask=row_ok[:, None], other=0)
+        pairs = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
+        codes = tl.reshape(pairs, (BLOCK_N, HEAD_DIM))
+    return codes.to(tl.float16)
+
+
+@triton.jit
+def _record_tile(REC, r, kv_h, BITS: tl.constexpr, STAGE: tl.constexpr, WIDTH: tl.constexpr,
+                 V_GROUP: tl.constexpr, HEAD_GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """K and V [BLOCK_N, HEAD_DIM] (fp16) of token rows r of the record at REC (one closed stage at
+    BITS), KV head kv_h: code * scale + lo in fp16 (a fused multiply-add on the GPU: the exact value
+    rounded once). Rows r >= STAGE are not loaded."""
+    GROUPS: tl.constexpr = WIDTH // V_GROUP  # V groups per token
+    ROW_BYTES: tl.constexpr = WIDTH * BITS // 8
+    K_CODES: tl.constexpr = 4 * WIDTH + 4 * STAGE * GROUPS  # byte offsets (SaqFormat.record_fields)
+    V_CODES: tl.constexpr = K_CODES + STAGE * ROW_BYTES
+    rec16 = REC.to(tl.pointer_type(tl.float16))
+    row_ok = r < STAGE
+    d = tl.arange(0, HEAD_DIM)
+    k_lo = tl.load(rec16 + kv_h * HEAD_DIM + d)
+    k_scale = tl.load(rec16 + WIDTH + kv_h * HEAD_DIM + d)
+    head_bytes = kv_h * (HEAD_DIM * BITS // 8)
+    k_rows = REC + K_CODES + head_bytes + r[:, None] * ROW_BYTES
+    k_codes = _unpack_codes(k_rows, row_ok, BITS, HEAD_DIM, BLOCK_N)
+    k = k_codes * k_scale[None, :] + k_lo[None, :]
+    g = r[:, None] * GROUPS + (kv_h * HEAD_DIM) // V_GROUP + tl.arange(0, HEAD_GROUPS)[None, :]
+    v_lo = tl.load(rec16 + 2 * WIDTH + g, mask=row_ok[:, None], other=0.0)
+    v_scale = tl.load(rec16 + 2 * WIDTH + STAGE * GROUPS + g, mask=row_ok[:, None], other=0.0)
+    GROUP_CHANNELS: tl.constexpr = HEAD_DIM // HEAD_GROUPS  # a group's lo and scale over its channels
+    v_lo = tl.reshape(
+        tl.broadcast_to(v_lo[:, :, None], (BLOCK_N, HEAD_GROUPS, GROUP_CHANNELS)), (BLOCK_N, HEAD_DIM)
+    )
+    v_scale = tl.broadcast_to(v_scale[:, :, None], (BLOCK_N, HEAD_GROUPS, GROUP_CHANNELS))
+    v_scale = tl.reshape(v_scale, (BLOCK_N, HEAD_DIM))
+    v_codes = _unpack_codes(k_rows + (V_CODES - K_CODES), row_ok, BITS, HEAD_DIM, BLOCK_N)
+    v = v_codes * v_scale + v_lo
+    return k, v
+
+
+@triton.jit
+def _stair_run(acc, m_i, l_i, q, pos_q, j_lo, j_hi, p_lo, p_hi, BASE, TABLE, kv_h, qk_scale, window,
+               OFFSET: tl.constexpr, COUNT: tl.constexpr, IN_POOL: tl.constexpr, BITS: tl.constexpr,
+               STAGE: tl.constexpr, WIDTH: tl.constexpr, V_GROUP: tl.constexpr, HEAD_GROUPS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """Stream the keys at positions [p_lo, p_hi) of logical stages [j_lo, j_hi), all on one stair at
+    BITS, through the online softmax. Stage j's record: pool block TABLE[j] (IN_POOL; BASE the pool),
+    else entry j % COUNT of the array at byte OFFSET of the slot (BASE)."""
+    REC_BYTES: tl.constexpr = 4 * WIDTH + 4 * STAGE * (WIDTH // V_GROUP) + STAGE * WIDTH * BITS // 4
+    TILES: tl.constexpr = (STAGE + BLOCK_N - 1) // BLOCK_N
+    for t in range(j_lo * TILES, j_hi * TILES):
+        j = t // TILES
+        r = (t % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_k = j * STAGE + r
+        k_ok = (r < STAGE) & (pos_k >= p_lo) & (pos_k < p_hi)
+        if IN_POOL:
+            rec = BASE + tl.load(TABLE + j).to(tl.int64) * REC_BYTES
+        else:
+            rec = BASE + OFFSET + (j % COUNT) * REC_BYTES
+        k, v = _record_tile(rec, r, kv_h, BITS, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM, BLOCK_N)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
+        acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _open_run(acc, m_i, l_i, q, pos_q, p_lo, p_hi, past, closed, TAIL, K_NEW, V_NEW, stride_ks, stride_vs,
+              kv_h, qk_scale, window, STAGE: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """Keys [p_lo, p_hi) past the closed stages: the slot's fp16 tail (TAIL: K rows, then V rows) below
+    past, the new tokens (K_NEW, V_NEW: row b's k and v, rounded to fp16) from past on."""
+    col = kv_h * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    for n in range(p_lo, p_hi, BLOCK_N):
+        pos_k = n + tl.arange(0, BLOCK_N)
+        k_ok = pos_k < p_hi
+        old = (k_ok & (pos_k < past))[:, None]
+        new = (k_ok & (pos_k >= past))[:, None]
+        tail_row = TAIL + (pos_k - closed * STAGE)[:, None] * WIDTH + col
+        k = tl.load(tail_row, mask=old, other=0.0)
+        v = tl.load(tail_row + STAGE * WIDTH, mask=old, other=0.0)
+        new_row = (pos_k - past)[:, None]
+        k = tl.where(old, k, tl.load(K_NEW + new_row * stride_ks + col, mask=new, other=0.0).to(tl.float16))
+        v = tl.where(old, v, tl.load(V_NEW + new_row * stride_vs + col, mask=new, other=0.0).to(tl.float16))
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
+        acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _saq_decode_kernel(
+    Q, K_NEW, V_NEW, POOL, SLOTS, BLOCK_TABLE, PAST_LENS, TOTAL_LENS, SEQ_SLOTS, OUT, LSE, O_PART, M_PART,
+    L_PART, stride_qb, stride_qs, stride_kb, stride_ks, stride_vb, stride_vs, stride_tb, stride_ob, stride_os,
+    slot_bytes, seq_q, kv_per_split, qk_scale, window, NUM_KV_HEADS, NUM_ROW_TILES,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGE: tl.constexpr, WIDTH: tl.constexpr, V_GROUP: tl.constexpr, HEAD_GROUPS: tl.constexpr,
+    SINK: tl.constexpr, SINK_OFFSET: tl.constexpr,
+    BITS0: tl.constexpr, COUNT0: tl.constexpr, RING0: tl.constexpr,
+    BITS1: tl.constexpr, COUNT1: tl.constexpr, RING1: tl.constexpr,
+    BITS2: tl.constexpr, COUNT2: tl.constexpr, RING2: tl.constexpr, BOTTOM_BITS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    row_tile = pid % NUM_ROW_TILES
+    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
+    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # row = s * GROUP + g
+    s_idx = rows // GROUP
+    head = kv_h * GROUP + rows % GROUP
+    row_ok = s_idx < seq_q
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    q_offs = b64 * stride_qb + s_idx[:, None] * stride_qs + head[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float16)
+    tile_q = tl.minimum(seq_q, ((row_tile + 1) * BLOCK_R - 1) // GROUP + 1)  # queries up to the tile's last
+    start, end, past = _key_range(PAST_LENS, TOTAL_LENS, b, split, tile_q, kv_per_split, window, CAUSAL,
+                                  HAS_WINDOW)  # fmt: skip
+    pos_q = past + s_idx
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    slot = SLOTS + tl.load(SEQ_SLOTS + b).to(tl.int64) * slot_bytes
+    table = BLOCK_TABLE + b64 * stride_tb
+    closed = past // STAGE  # closed stages before this call's write
+    c_hi = tl.minimum(end, closed * STAGE)  # this split's closed keys: [start, c_hi)
+    j_lo = start // STAGE
+    j_hi = tl.where(c_hi > start, (c_hi + STAGE - 1) // STAGE, j_lo)
+    # stair i holds the stages aged AGE_i .. AGE_i + COUNTi - 1 (AGE_i: the counts above it), i.e. logical
+    # stages [closed - AGE_i - COUNTi, closed - AGE_i); sinks (< SINK) keep their records; the bottom the rest
+    AGE1: tl.constexpr = COUNT0
+    AGE2: tl.constexpr = COUNT0 + COUNT1
+    AGE3: tl.constexpr = COUNT0 + COUNT1 + COUNT2
+    if SINK > 0:
+        lo = j_lo
+        hi = tl.minimum(j_hi, SINK)
+        acc, m_i, l_i = _stair_run(acc, m_i, l_i, q, pos_q, lo, hi, start, c_hi, slot, table, kv_h, qk_scale,
+                                   window, SINK_OFFSET, SINK, False, BITS0, STAGE, WIDTH, V_GROUP,
+                                   HEAD_GROUPS, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+    if COUNT0 > 0:
+        lo = tl.maximum(tl.maximum(closed - AGE1, SINK), j_lo)
+        hi = tl.minimum(closed, j_hi)
+        acc, m_i, l_i = _stair_run(acc, m_i, l_i, q, pos_q, lo, hi, start, c_hi, slot, table, kv_h, qk_scale,
+                                   window, RING0, COUNT0, False, BITS0, STAGE, WIDTH, V_GROUP, HEAD_GROUPS,
+                                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+    if COUNT1 > 0:
+        lo = tl.maximum(tl.maximum(closed - AGE2, SINK), j_lo)
+        hi = tl.minimum(closed - AGE1, j_hi)
+        acc, m_i, l_i = _stair_run(acc, m_i, l_i, q, pos_q, lo, hi, start, c_hi, slot, table, kv_h, qk_scale,
+                                   window, RING1, COUNT1, False, BITS1, STAGE, WIDTH, V_GROUP, HEAD_GROUPS,
+                                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+    if COUNT2 > 0:
+        lo = tl.maximum(tl.maximum(closed - AGE3, SINK), j_lo)
+        hi = tl.minimum(closed - AGE2, j_hi)
+        acc, m_i, l_i = _stair_run(acc, m_i, l_i, q, pos_q, lo, hi, start, c_hi, slot, table, kv_h, qk_scale,
+                                   window, RING2, COUNT2, False, BITS2, STAGE, WIDTH, V_GROUP, HEAD_GROUPS,
+                                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+    lo = tl.maximum(SINK, j_lo)
+    hi = tl.minimum(closed - AGE3, j_hi)
+    acc, m_i, l_i = _stair_run(acc, m_i, l_i, q, pos_q, lo, hi, start, c_hi, POOL, table, kv_h, qk_scale,
+                               window, 0, 1, True, BOTTOM_BITS, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM,
+                               BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+    tail = slot.to(tl.pointer_type(tl.float16))
+    k_new, v_new = K_NEW + b64 * stride_kb, V_NEW + b64 * stride_vb
+    acc, m_i, l_i = _open_run(acc, m_i, l_i, q, pos_q, tl.maximum(start, closed * STAGE), end, past, closed,
+                              tail, k_new, v_new, stride_ks, stride_vs, kv_h, qk_scale, window, STAGE, WIDTH,
+                              HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
+
+    _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
+                  s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
+                  HEAD_DIM, HEAD_DIM, BLOCK_R, SPLIT, False, True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- read
+
+
+def kernel_supports(fmt: SaqFormat, head_dim: int) -> bool:
+    """Whether ``flash_attention_decode_saq`` takes this format and head size (else: attention_saq_torch)."""
+    return (
+        head_dim in HEAD_DIMS
+        and len(fmt.stairs) <= MAX_STAIRS
+        and (head_dim % fmt.v_group == 0 or fmt.v_group % head_dim == 0)
+    )
+
+
+def flash_attention_decode_saq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    past_lens: torch.Tensor,
+    total_lens: torch.Tensor,
+    seq_slots: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    fmt: SaqFormat,
+    causal: bool = True,
+    sliding_window: int = 0,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """The node's read (module docstring): o [B, S, Hq*D] over the cache as it is (nothing written).
+    ``num_splits`` None picks the split count from the shapes; ``config`` overrides the tile config."""
+    _check_inputs(q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, num_heads,
+                  num_kv_heads, fmt, sliding_window)  # fmt: skip
+    block_table = block_table.contiguous()
+    batch, seq_q, _ = q.shape
+    head_dim = q.shape[2] // num_heads
+    group = num_heads // num_kv_heads
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if batch == 0:
+        return o
+    if config is None:
+        config = SAQ_DECODE_CONFIGS[head_dim] if q.is_cuda else INTERPRETER_CONFIG
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(fmt.stage)))
+    rows = group * seq_q
+    block_r = max(16, min(triton.next_power_of_2(rows), MAX_ROWS_PER_PROGRAM))
+    row_tiles = triton.cdiv(rows, block_r)
+    max_keys = (block_table.shape[1] + 1) * fmt.stage  # total // stage <= max_blocks
+    programs = batch * num_kv_heads * row_tiles
+    if num_splits is None:
+        num_splits = _num_splits(programs, max_keys, fmt.stage, head_dim, q.device)
+    kv_per_split = triton.cdiv(triton.cdiv(max_keys, max(num_splits, 1)), fmt.stage) * fmt.stage
+    num_splits = max(1, triton.cdiv(max_keys, kv_per_split))
+    rows_padded = row_tiles * block_r
+    split = num_splits > 1
+    part_shape = (batch * num_kv_heads * rows_padded, num_splits) if split else (1, 1)
+    o_part = torch.empty(*part_shape, head_dim, device=q.device, dtype=torch.float32)
+    m_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
+    l_part = torch.empty(part_shape, device=q.device, dtype=torch.float32)
+    _saq_decode_kernel[(programs, num_splits)](
+        q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, o, o_part, o_part, m_part,
+        l_part, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        block_table.stride(0), o.stride(0), o.stride(1), kv_slots.stride(0),
+        seq_q, kv_per_split, scale * LOG2E, sliding_window, num_kv_heads, row_tiles,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_N=block_n, **_format_constants(fmt, head_dim),
+        CAUSAL=causal, HAS_WINDOW=sliding_window > 0, SPLIT=split,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if split:
+        _decode_merge_kernel[(batch * num_kv_heads, rows)](
+            o_part, m_part, l_part, o, o_part, o.stride(0), o.stride(1), num_splits, num_kv_heads,
+            rows_padded, seq_q, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=head_dim,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits), RETURN_LSE=False,
+            num_warps=4 if q.is_cuda else 1,
+        )  # fmt: skip
+    return o
+
+
+def _format_constants(fmt: SaqFormat, head_dim: int) -> dict:
+    """The kernel's constexprs: the layout, and (bits, count, ring offset) of up to 3 upper stairs."""
+    upper = [(bits, count, fmt.ring_offset(i)) for i, (bits, count) in enumerate(fmt.stairs[:-1])]
+    upper += [(fmt.stairs[0][0], 0, 0)] * (MAX_STAIRS - 1 - len(upper))
+    constants = dict(
+        STAGE=fmt.stage, WIDTH=fmt.width, V_GROUP=fmt.v_group, HEAD_GROUPS=max(head_dim // fmt.v_group, 1),
+        SINK=fmt.sink, SINK_OFFSET=fmt.sink_offset, BOTTOM_BITS=fmt.stairs[-1][0],
+    )  # fmt: skip
+    for i, (bits, count, ring) in enumerate(upper):
+        constants.update({f"BITS{i}": bits, f"COUNT{i}": count, f"RING{i}": ring})
+    constants["BITS0"] = fmt.stairs[0][0]  # also the sinks' width
+    return constants
+
+
+def attention_saq_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    past_lens: torch.Tensor,
+    total_lens: torch.Tensor,
+    seq_slots: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    fmt: SaqFormat,
+    causal: bool = True,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """The node's read in torch on q's device, for what the kernel does not take: each row's cache
+    dequantized to fp32 (the spec's _SlotView.keys_values, stage by stage), then attention."""
+    batch, seq_q, _ = q.shape
+    head_dim = q.shape[-1] // num_heads
+    group = num_heads // num_kv_heads
+    out = torch.zeros(batch, seq_q, num_heads * head_dim, device=q.device, dtype=torch.float32)
+    table = block_table.cpu()
+    for b, (past, total, slot) in enumerate(zip(*_host_lists(past_lens, total_lens, seq_slots))):
+        if total == 0:
+            continue
+        view = _SlotView(kv_pool, kv_slots, slot, table[b], fmt)
+        old_k, old_v = view.keys_values(past // fmt.stage, past)
+        heads = [
+            torch.cat([old, new[b, : total - past].half().float()])
+            .view(total, num_kv_heads, head_dim).transpose(0, 1).repeat_interleave(group, 0)
+            for old, new in ((old_k, k), (old_v, v))
+        ]  # fmt: skip
+        pos = torch.arange(seq_q, device=q.device).view(seq_q, 1) + past
+        key = torch.arange(total, device=q.device).view(1, total)
+        visible = torch.ones(seq_q, total, dtype=torch.bool, device=q.device)
+        if causal:
+            visible &= key <= pos
+        if sliding_window > 0:
+            visible &= pos - key < sliding_window
+        qb = q[b].float().view(seq_q, num_heads, head_dim).transpose(0, 1)
+        ob = F.scaled_dot_product_attention(qb, *heads, attn_mask=visible, scale=scale).nan_to_num(0.0)
+        out[b] = ob.transpose(0, 1).reshape(seq_q, num_heads * head_dim)
+    return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+def quantize_device(
+    x: torch.Tensor, bits: int, dim: int, clip: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels.kv_saq.quantize_asym on x's device: (codes uint8, lo fp16, scale fp16), lo/scale keeping
+    `dim` as 1. Two differences in how, none in what: the clipping search tries every ratio at once (a
+    leading axis of len(SAQ_CLIP_RATIOS); the first, largest, ratio of least error wins, as the spec's
+    strict improvement), and the range is divided by `levels` held in a device tensor: on CUDA, torch
+    divides by a Python number as a multiplication by its fp32 reciprocal, which can round an fp16 scale
+    differently from the spec's division (seen on an H100)."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    dim = dim % x.dim() + 1
+    ratios = torch.tensor(SAQ_CLIP_RATIOS if clip else (1.0,), dtype=torch.float32, device=x.device)
+    ratios = ratios.view(-1, *[1] * x.dim())
+    low, high = xf.amin(dim - 1, keepdim=True), xf.amax(dim - 1, keepdim=True)
+    lo = (low * ratios).half()
+    scale = ((high * ratios - lo.float()) / torch.tensor(float(levels), device=x.device)).half()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.round((xf - lo.float()) / scale.float()).clamp(0, levels)
+    if not clip:
+        return codes[0].to(torch.uint8), lo[0], scale[0]
+    err = ((lo.float() + codes * scale.float() - xf) ** 2).sum(dim, keepdim=True)
+    best = err.argmin(0, keepdim=True)
+    pick = lambda t: t.gather(0, best.expand(1, *t.shape[1:]))[0]  # noqa: E731
+    return pick(codes).to(torch.uint8), pick(lo), pick(scale)
+
+
+def encode_record_device(k: torch.Tensor, v: torch.Tensor, fmt: SaqFormat, bits: int) -> torch.Tensor:
+    """kernels.kv_saq.encode_record on k's device: one closed stage (K, V float [stage, width]) -> its
+    record, uint8 [fmt.record_bytes(bits)]."""
+    clip = fmt.clipped(bits)
+    k_codes, k_lo, k_scale = quantize_device(k, bits, 0, clip)
+    v_codes, v_lo, v_scale = quantize_device(v.unflatten(-1, (-1, fmt.v_group)), bits, -1, clip)
+    parts = dict(
+        k_lo=k_lo, k_scale=k_scale, v_lo=v_lo, v_scale=v_scale,
+        k_codes=_pack(k_codes, bits), v_codes=_pack(v_codes.flatten(-2), bits),
+    )  # fmt: skip
+    record = torch.cat([parts[name].reshape(-1).view(torch.uint8) for name in fmt.record_fields(bits)])
+    assert record.numel() == fmt.record_bytes(bits)
+    return record
+
+
+def close_stage(view: _SlotView, stage: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """kernels.kv_saq._SlotView.close on the device: logical stage `stage` closes with (k, v) [stage,
+    width]; the stages leaving a stair move one down, bottom first, re-quantized from what they hold
+    (equal widths copy bytes); sinks stay. Then the new stage is encoded at the top stair."""
+    fmt = view.fmt
+    first_age = [sum(count for _, count in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
+    for i in range(len(fmt.stairs) - 2, -1, -1):
+        leaving = stage - first_age[i] - fmt.stairs[i][1]
+        if leaving < fmt.sink:
+            continue
+        src, dst = view.record(i, leaving), view.record(i + 1, leaving)
+        (bits, _), (low, _) = fmt.stairs[i], fmt.stairs[i + 1]
+        dst.copy_(src if bits == low else encode_record_device(*decode_record(src, fmt, bits), fmt, low))
+    view.record(0, stage).copy_(encode_record_device(k, v, fmt, fmt.stairs[0][0]))
+
+
+def write_kv_saq(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    past_lens: torch.Tensor,
+    total_lens: torch.Tensor,
+    seq_slots: torch.Tensor,
+    *,
+    fmt: SaqFormat,
+) -> None:
+    """The node's write (paged_attention_saq_ref), in place: per row, the open stage's rows and the new
+    tokens form one run from position (past // stage) * stage; every stage it completes closes, the
+    rest becomes the tail. Reads the lengths on the host (one sync when they live on the device)."""
+    stage, width = fmt.stage, fmt.width
+    tails = kv_slots.view(torch.float16)[:, : 2 * stage * width].view(-1, 2, stage, width)
+    table = None
+    tail_rows = []  # (slot, tail row, b, s): new tokens that stay in the open stage
+    for b, (past, total, slot) in enumerate(zip(*_host_lists(past_lens, total_lens, seq_slots))):
+        first, closed = past // stage, total // stage
+        if closed > first:
+            table = block_table.cpu() if table is None else table
+            view = _SlotView(kv_pool, kv_slots, slot, table[b], fmt)
+            old = past - first * stage  # the open stage's rows: the run's first
+            run = [torch.cat([tails[slot, i, :old].float(), x[b, : total - past].half().float()]) for i, x in
+                   enumerate((k, v))]  # fmt: skip
+            for j in range(first, closed):
+                rows = slice((j - first) * stage, (j - first + 1) * stage)
+                close_stage(view, j, run[0][rows], run[1][rows])
+        for position in range(max(past, closed * stage), total):
+            tail_rows.append((slot, position - closed * stage, b, position - past))
+    if tail_rows:
+        slot, row, b, s = torch.tensor(tail_rows, device=k.device).T
+        tails[slot, 0, row] = k[b, s].half()
+        tails[slot, 1, row] = v[b, s].half()
+
+
+# ---------------------------------------------------------------------------------------------- node
+
+
+def paged_attention_saq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_pool: torch.Tensor,
+    kv_slots: torch.Tensor,
+    block_table: torch.Tensor,
+    past_lens: torch.Tensor,
+    total_lens: torch.Tensor,
+    seq_slots: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    fmt: SaqFormat,
+    causal: bool = True,
+    sliding_window: int = 0,
+    use_kernel: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FlashAttentionSaq node (paged_attention_saq_ref): attend, then write; the cache is updated in
+    place: (o, kv_pool, kv_slots). ``use_kernel`` None: the Triton kernel on CUDA tensors when
+    ``kernel_supports`` the format, else attention_saq_torch. The lengths and slots may be given on the
+    host (no sync) or on the device."""
+    head_dim = q.shape[-1] // num_heads
+    if use_kernel is None:
+        use_kernel = q.is_cuda and kernel_supports(fmt, head_dim)
+    lens = [x.to(q.device, torch.int32) for x in (block_table, past_lens, total_lens, seq_slots)]
+    attend = flash_attention_decode_saq if use_kernel else attention_saq_torch
+    o = attend(q, k, v, kv_pool, kv_slots, *lens, num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale,
+               fmt=fmt, causal=causal, sliding_window=sliding_window)  # fmt: skip
+    write_kv_saq(k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, fmt=fmt)
+    return o, kv_pool, kv_slots
+
+
+def _host_lists(*tensors: torch.Tensor) -> list[list[int]]:
+    """The lengths and slots as Python ints: one device-to-host copy for all of them."""
+    if tensors[0].is_cuda:
+        return torch.stack([t.to(torch.int64) for t in tensors]).tolist()
+    return [t.tolist() for t in tensors]
+
+
+def _check_inputs(q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, num_heads,
+                  num_kv_heads, fmt, sliding_window) -> None:  # fmt: skip
+    if q.dim() != 3 or q.dtype not in DTYPES or q.stride(2) != 1:
+        raise ValueError(f"q must be float16/bfloat16/float32 [B, S, Hq*D] with a contiguous last axis, got "
+                         f"{q.dtype} {tuple(q.shape)}")  # fmt: skip
+    if num_kv_heads <= 0 or num_heads % num_kv_heads or q.shape[2] % num_heads:
+        raise ValueError(f"num_heads {num_heads} / num_kv_heads {num_kv_heads} do not fit q width "
+                         f"{q.shape[2]}")  # fmt: skip
+    head_dim = q.shape[2] // num_heads
+    if fmt.width != num_kv_heads * head_dim:
+        raise ValueError(f"SAQ format width {fmt.width} is not num_kv_heads * head_dim = "
+                         f"{num_kv_heads * head_dim}")  # fmt: skip
+    if not kernel_supports(fmt, head_dim):
+        raise ValueError(f"the SAQ kernel takes head_dim in {HEAD_DIMS} (got {head_dim}), at most "
+                         f"{MAX_STAIRS} stairs and V groups aligned with heads (got {fmt.text()}); use "
+                         "attention_saq_torch")  # fmt: skip
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
+    batch, seq_q, _ = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (batch, seq_q, fmt.width) or x.stride(2) != 1 or x.device != q.device:
+            raise ValueError(f"{name} must be [{batch}, {seq_q}, {fmt.width}] on {q.device} with a "
+                             f"contiguous last axis, got {tuple(x.shape)} on {x.device}")  # fmt: skip
+    for name, x, cols in (("kv_pool", kv_pool, fmt.block_bytes), ("kv_slots", kv_slots, fmt.slot_bytes)):
+        if x.dtype != torch.uint8 or x.dim() != 2 or x.shape[1] != cols or not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous uint8 [N, {cols}] for {fmt.text()}, got {x.dtype} "
+                             f"{tuple(x.shape)}")  # fmt: skip
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}")
+    for name, x, rank in (("block_table", block_table, 2), ("past_lens", past_lens, 1),
+                          ("total_lens", total_lens, 1), ("seq_slots", seq_slots, 1)):  # fmt: skip
+        if x.dtype != torch.int32 or x.dim() != rank or x.shape[0] != batch or x.device != q.device:
+            raise ValueError(f"{name} must be int32 with {batch} rows on {q.device}, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")  # fmt: skip
