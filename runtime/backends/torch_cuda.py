@@ -21,17 +21,28 @@ as `OrtBackend`: `run(StepBatch) -> logits [B, L, V]` float32, `cache_arrays()`,
      - offload: kernels/attention_offload.py: the pool's blocks beyond `kv_gpu_bytes` live in pinned host
        memory and are streamed per step (no CUDA graphs; no KV export/import);
      - torch (auto otherwise: fp32, or the CPU): `paged_attention_torch`, the spec vectorized (CI runs it).
+   Quantized KV formats have their own node functions (triton and torch only):
+     - int8 / int4 (contract: kernels/kv_quant.py::paged_attention_quant_ref; the module rotates q and k
+       by a Hadamard matrix and the node subtracts the layer's calibrated k_mean, read from the graph):
+       triton: `TritonQuantAttention` (kernels/attention_triton_quant.py: quantizing write, split-KV decode
+       over the codes; prefill over each row's dequantized keys), torch: `paged_attention_quant_torch`;
+     - saq (contract: kernels/kv_saq.py::paged_attention_saq_ref; q, k and v rotated, the output rotated
+       back by the module's `output`): `SaqAttention`, kernels/attention_triton_saq.py on CUDA (its Triton
+       read where it takes the format; attention_kernel torch: its torch read), the spec on the CPU.
    `PagedAttention` swaps the function into each layer; projections and weights stay the module's own.
-   With `tensor_parallel` > 1 the module is sharded by runtime/tensor_parallel.py and rank 0 broadcasts
-   each step to the other ranks before running it.
+   With `tensor_parallel` > 1 (float KV only) the module is sharded by runtime/tensor_parallel.py and rank
+   0 broadcasts each step to the other ranks before running it.
 3. Decode graphs. On CUDA, a step of one new token per row replays a CUDA graph captured for its batch
    size padded to a power of two, inputs copied into static buffers, block tables padded to the widest a
-   sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly.
+   sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly, and so
+   do all steps of an SAQ cache (closing a stage is decided on the host from the step's lengths).
 
-The KV pool is one [num_blocks, block_size, num_kv_heads * head_dim] tensor per layer for K and for V on
-the device, in fp16 when the artifact's KV format or the compute dtype is fp16 (the kernels read the pool
-in q's dtype), else fp32. `cache_arrays()` shows it to the engine's KV export/import as numpy arrays in
-the artifact's KV format.
+The KV pool holds, per layer, the artifact's pool tensors (runtime.kv_cache.PoolTensor) on the device.
+Float formats: one [num_blocks, block_size, num_kv_heads * head_dim] tensor for K and for V, in fp16 when
+the artifact's KV format or the compute dtype is fp16 (the kernels read the pool in q's dtype), else fp32.
+int8 / int4: K and V codes and their fp16 scales per token; saq: the bottom-stair records per block and
+the per-sequence slots, uint8; these are stored exactly as the artifact's format. `cache_arrays()` shows
+the pool to the engine's KV export/import as numpy-indexed views in the artifact's KV format.
 """
 
 from __future__ import annotations
@@ -49,8 +60,11 @@ from torch import nn
 
 from exporters.checkpoint import ModelConfig
 from exporters.model import Llama
+from kernels.kv_formats import KV_QUANT_FORMATS, SAQ_FORMAT, group_size
+from kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
+from kernels.kv_saq import paged_attention_saq_ref
 from runtime.artifact import Artifact
-from runtime.backends.onnxruntime import NUMPY_DTYPES, StepBatch
+from runtime.backends.onnxruntime import StepBatch
 from runtime.config import RuntimeConfig
 from runtime.errors import ArtifactError, ConfigError
 from runtime.kv_cache import SCRATCH_BLOCK, KVCacheLayout
@@ -65,7 +79,14 @@ INPUT_DTYPES = dict(
     past_lens=torch.int32,
     total_lens=torch.int32,
     logit_positions=torch.int64,
+    seq_slots=torch.int32,
 )
+POOL_DTYPES = {  # a pool tensor's numpy dtype (runtime.kv_cache.PoolTensor) -> the device tensor's
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+}
 DECODE_KERNEL_MAX_TOKENS = 16  # kernels.attention_triton_decode.MAX_QUERY_TOKENS (that module imports triton)
 OFFLOAD_TILE_TOKENS = 4096  # attention_kernel offload: tokens per staged host tile (two tiles of K and V)
 
@@ -190,6 +211,22 @@ class GraphWeights:
             return [self.linear(f"{path}.parts.{i}") for i in range(len(sizes))]
         return np.split(self.linear(f"{path}.parts.0"), np.cumsum(sizes)[:-1])
 
+    def k_mean(self, layer: int) -> np.ndarray | None:
+        """A quantized cache's calibrated K channel means of `layer` [W] float32 (the 12th input of the
+        layer's FlashAttention node, whose K pool input is `k_cache.{layer}`); None for other formats."""
+        nodes = [
+            n
+            for n in self.proto.graph.node
+            if n.op_type == "FlashAttention" and n.input[3:4] == [f"k_cache.{layer}"]
+        ]
+        if len(nodes) != 1 or len(nodes[0].input) < 12:
+            return None
+        if nodes[0].input[11] not in self.initializers:
+            raise ArtifactError(
+                f"{self.source}: layer {layer}'s k_mean is not a constant of the graph; re-export"
+            )
+        return self.array(nodes[0].input[11]).astype(np.float32)
+
     def embedding_table(self, vocab_size: int) -> np.ndarray:
         """[V, hidden] float32: the graph's embedding nodes run by ONNX Runtime on ids 0..V-1."""
         import onnxruntime as ort
@@ -249,13 +286,27 @@ def read_weights(artifact: Artifact, config: ModelConfig) -> dict[str, np.ndarra
         weights |= {p + "attn_norm": graph.norm(f"{p}attn_norm"), p + "mlp_norm": graph.norm(f"{p}mlp_norm")}
         weights |= {p + "q": q, p + "k": k, p + "v": v, p + "o": graph.linear(f"{p}attn.o")}
         weights |= {p + "gate": gate, p + "up": up, p + "down": graph.linear(f"{p}mlp.down")}
+        k_mean = graph.k_mean(i)
+        if k_mean is not None:
+            weights[p + "k_mean"] = k_mean
     return weights
 
 
 def load_model(artifact: Artifact, dtype: torch.dtype) -> Llama:
-    """The artifact's graph as the reference module (dense weights in `dtype`), on the CPU."""
+    """The artifact's graph as the reference module (dense weights in `dtype`), on the CPU. A quantized
+    or SAQ cache's module is built for its format (the same Hadamard rotations as the graph's), a
+    quantized one's k_mean buffers filled from the graph."""
     config = model_config(artifact)
-    return Llama(config, read_weights(artifact, config), dtype).eval()
+    weights = read_weights(artifact, config)
+    kv_format = "" if artifact.kv_format in TORCH_DTYPES else artifact.kv_format
+    saq = dict(kv_saq=artifact.saq.text()) if artifact.saq is not None else {}
+    model = Llama(config, weights, dtype, kv_format=kv_format, **saq).eval()
+    for i, layer in enumerate(model.layers):
+        if kv_format in KV_QUANT_FORMATS:
+            if f"layers.{i}.k_mean" not in weights:
+                raise ArtifactError(f"{artifact.model_file}: no k_mean for layer {i} of a {kv_format} cache")
+            layer.attn.k_mean.copy_(torch.from_numpy(weights[f"layers.{i}.k_mean"]))
+    return model
 
 
 # -- 2. attention: the FlashAttention node on the device pool ---------------------------------------
@@ -267,18 +318,67 @@ def paged_attention_torch(
 ):  # fmt: skip
     """paged_attention_ref's semantics in fp32, vectorized: the pools are updated in place and every row
     reads all block_table.shape[1] * block_size key positions, masked (static shapes: graph-capturable)."""
-    B, S, _ = q.shape
     _, block_size, width = k_cache.shape
-    D = width // num_kv_heads
     slots = slot_mapping.reshape(-1)
     k_cache.view(-1, width).index_copy_(0, slots, k.reshape(-1, width).to(k_cache.dtype))
     v_cache.view(-1, width).index_copy_(0, slots, v.reshape(-1, width).to(v_cache.dtype))
-    key_pos = torch.arange(block_table.shape[1] * block_size, device=q.device)
-    key_slots = block_table.long()[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, T]
-    keys = k_cache.view(-1, num_kv_heads, D)[key_slots].float()  # [B, T, Hkv, D]
-    values = v_cache.view(-1, num_kv_heads, D)[key_slots].float()
+    key_slots = _key_slots(block_table, block_size)
+    out = _attend_masked(
+        q, k_cache.view(-1, width)[key_slots], v_cache.view(-1, width)[key_slots], past_lens, total_lens,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, causal=causal,
+        sliding_window=sliding_window,
+    )  # fmt: skip
+    return out, k_cache, v_cache
+
+
+def paged_attention_quant_torch(
+    q, k, v, k_cache, v_cache, block_table, slot_mapping, past_lens, total_lens, k_scales, v_scales, k_mean,
+    *, num_heads: int, num_kv_heads: int, scale: float, kv_format: str, causal: bool = True,
+    sliding_window: int = 0,
+):  # fmt: skip
+    """paged_attention_quant_ref's semantics, vectorized as paged_attention_torch: k - k_mean and v are
+    quantized into their slots (quantize_kv_ref, in place), then every row reads the dequantized keys of
+    all its block-table positions, masked. Returns (o, k_cache, v_cache, k_scales, v_scales)."""
+    block_size, width = k_cache.shape[1], k.shape[-1]
+    group = group_size(kv_format, width // num_kv_heads)
+    slots = slot_mapping.reshape(-1)
+    for x, codes_pool, scale_pool in ((k - k_mean, k_cache, k_scales), (v, v_cache, v_scales)):
+        codes, scales = quantize_kv_ref(x.reshape(-1, width), kv_format, group)
+        codes_pool.view(-1, codes_pool.shape[-1]).index_copy_(0, slots, codes)
+        scale_pool.view(-1, scale_pool.shape[-1]).index_copy_(0, slots, scales)
+    key_slots = _key_slots(block_table, block_size)
+    keys, values = (
+        dequantize_kv_ref(_rows(codes)[key_slots], _rows(scales)[key_slots], kv_format, group)
+        for codes, scales in ((k_cache, k_scales), (v_cache, v_scales))
+    )
+    out = _attend_masked(
+        q, keys, values, past_lens, total_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale,
+        causal=causal, sliding_window=sliding_window,
+    )  # fmt: skip
+    return out, k_cache, v_cache, k_scales, v_scales
+
+
+def _rows(pool: torch.Tensor) -> torch.Tensor:
+    """A per-token pool [num_blocks, block_size, width] as rows [num_blocks * block_size, width]."""
+    return pool.view(-1, pool.shape[-1])
+
+
+def _key_slots(block_table, block_size: int) -> torch.Tensor:
+    """[B, T] pool rows of key positions 0 .. T - 1 (T = block_table.shape[1] * block_size) of each row."""
+    key_pos = torch.arange(block_table.shape[1] * block_size, device=block_table.device)
+    return block_table.long()[:, key_pos // block_size] * block_size + key_pos % block_size
+
+
+def _attend_masked(q, keys, values, past_lens, total_lens, *, num_heads, num_kv_heads, scale, causal,
+                   sliding_window):  # fmt: skip
+    """fp32 attention of q [B, S, Hq*D] over keys/values [B, T, Hkv*D] (key position = index), masked by
+    each row's lengths, causality (bottom-right) and the window; rows that see no key output zeros."""
+    B, S, _ = q.shape
+    T, D = keys.shape[1], q.shape[-1] // num_heads
+    keys, values = (x.float().view(B, T, num_kv_heads, D) for x in (keys, values))
     qf = q.float().view(B, S, num_kv_heads, num_heads // num_kv_heads, D)
     scores = torch.einsum("bshgd,bthd->bhgst", qf, keys) * scale
+    key_pos = torch.arange(T, device=q.device)
     query_pos = past_lens.long()[:, None, None] + torch.arange(S, device=q.device)[None, :, None]  # [B, S, 1]
     visible = key_pos < total_lens.long()[:, None, None]  # [B, 1 or S, T]
     if causal:
@@ -287,7 +387,7 @@ def paged_attention_torch(
         visible = visible & (query_pos - key_pos < sliding_window)
     probs = scores.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1).nan_to_num(0.0)
     out = torch.einsum("bhgst,bthd->bshgd", probs, values).reshape(B, S, num_heads * D)
-    return out.to(q.dtype), k_cache, v_cache
+    return out.to(q.dtype)
 
 
 @dataclass(frozen=True)
@@ -343,18 +443,23 @@ class TritonAttention:
             return self._kernels.paged_attention(*inputs, **attrs)
         self._kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         plan = self._plan(block_table, past_lens, total_lens, S, k_cache.shape[1])
-        num_heads, num_kv_heads = attrs["num_heads"], attrs["num_kv_heads"]
+        D = q.shape[-1] // attrs["num_heads"]
+        keys, values = (x.view(-1, attrs["num_kv_heads"], D)[plan.key_slots] for x in (k_cache, v_cache))
+        return self._prefill(q, keys, values, plan, attrs), k_cache, v_cache
+
+    def _prefill(self, q, keys, values, plan: PrefillPlan, attrs: dict) -> torch.Tensor:
+        """o [B, S, Hq*D] of the real query rows over each row's packed keys and values [total_k, Hkv, D]."""
+        B, S, _ = q.shape
+        num_heads = attrs["num_heads"]
         D = q.shape[-1] // num_heads
         o = self._kernels.flash_attention_prefill(
-            q.reshape(B * S, num_heads, D)[plan.query_rows],
-            k_cache.view(-1, num_kv_heads, D)[plan.key_slots],
-            v_cache.view(-1, num_kv_heads, D)[plan.key_slots],
+            q.reshape(B * S, num_heads, D)[plan.query_rows], keys, values,
             causal=attrs["causal"], scale=attrs["scale"], sliding_window=attrs["sliding_window"],
             cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k, max_seqlen_q=plan.max_seqlen_q,
         )  # fmt: skip
         out = q.new_zeros(B * S, num_heads, D)
         out[plan.query_rows] = o
-        return out.view(B, S, -1), k_cache, v_cache
+        return out.view(B, S, -1)
 
     def _plan(self, block_table, past_lens, total_lens, seq_q: int, block_size: int) -> PrefillPlan:
         key = (block_table, past_lens, total_lens)
@@ -363,23 +468,102 @@ class TritonAttention:
         return self._last[3]
 
 
+class TritonQuantAttention(TritonAttention):
+    """The FlashAttention node over an int8 / int4 pool with kernels/attention_triton_quant.py (CUDA, fp16
+    activations), in place (contract: paged_attention_quant_ref). Rows of up to 16 new tokens:
+    `paged_attention_quant` (quantizing write, split-KV decode reading the codes). Longer ones: the same
+    write, then each row's keys dequantized (smoothed, as the decode kernel sees them) into a packed fp16
+    batch for TritonAttention's varlen prefill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kernels import attention_triton_quant
+
+        self._quant = attention_triton_quant
+
+    def __call__(self, q, k, v, k_cache, v_cache, block_table, slot_mapping, past_lens, total_lens, k_scales,
+                 v_scales, k_mean, *, kv_format: str, **attrs):  # fmt: skip
+        B, S, _ = q.shape
+        pools = (k_cache, v_cache, k_scales, v_scales)
+        if S <= DECODE_KERNEL_MAX_TOKENS:
+            inputs = (q, k, v, k_cache, v_cache, block_table, slot_mapping, past_lens, total_lens)
+            return self._quant.paged_attention_quant(*inputs, k_scales, v_scales, k_mean, kv_format=kv_format,
+                                                     **attrs)  # fmt: skip
+        D = q.shape[-1] // attrs["num_heads"]
+        self._quant.write_kv_cache_quant(k, v, k_mean, *pools, slot_mapping, kv_format=kv_format, head_dim=D)
+        plan = self._plan(block_table, past_lens, total_lens, S, k_cache.shape[1])
+        group = group_size(kv_format, D)
+        keys, values = (
+            dequantize_kv_ref(_rows(codes)[plan.key_slots], _rows(scales)[plan.key_slots], kv_format, group)
+            .to(q.dtype)
+            .view(-1, attrs["num_kv_heads"], D)
+            for codes, scales in ((k_cache, k_scales), (v_cache, v_scales))
+        )
+        return (self._prefill(q, keys, values, plan, attrs), *pools)
+
+
+class SaqAttention:
+    """The FlashAttentionSaq node over a layer's kv_pool / kv_slots, in place (contract:
+    paged_attention_saq_ref). On CUDA: kernels/attention_triton_saq.py's `paged_attention_saq`, its Triton
+    read kernel where it takes the format (`use_kernel` False: its torch read), the write on the device
+    after one copy of the step's lengths and slots to the host (made once per step, for all layers). On
+    the CPU: the spec itself, its copies written back into the pool."""
+
+    def __init__(self, device: torch.device, use_kernel: bool | None = None) -> None:
+        self._saq = None
+        if device.type == "cuda":
+            from kernels import attention_triton_saq
+
+            self._saq = attention_triton_saq
+        self._use_kernel = use_kernel
+        self._last: tuple | None = None  # (device inputs..., their host copies) of the last step
+
+    def __call__(self, q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, **attrs):
+        inputs = (block_table, past_lens, total_lens, seq_slots)
+        if self._saq is None:
+            o, pool, slots = paged_attention_saq_ref(q, k, v, kv_pool, kv_slots, *inputs, **attrs)
+            kv_pool.copy_(pool)
+            kv_slots.copy_(slots)
+            return o, kv_pool, kv_slots
+        host = self._host(inputs)
+        return self._saq.paged_attention_saq(q, k, v, kv_pool, kv_slots, *host, use_kernel=self._use_kernel,
+                                             **attrs)  # fmt: skip
+
+    def _host(self, inputs: tuple) -> list[torch.Tensor]:
+        """The step's block table, lengths and slots on the host: one device-to-host copy per step."""
+        if self._last is None or any(a is not b for a, b in zip(self._last[:4], inputs)):
+            flat = torch.cat([x.reshape(-1).to(torch.int32) for x in inputs]).cpu()
+            sizes = [x.numel() for x in inputs]
+            host = [part.view(x.shape) for part, x in zip(flat.split(sizes), inputs)]
+            self._last = (*inputs, host)
+        return self._last[4]
+
+
 class PagedAttention(nn.Module):
-    """A layer's `Attention` with its FlashAttention node run by `attention` (the same contract)."""
+    """A layer's `Attention` with its attention node run by `attention` (the same contract: float pools
+    paged_attention_ref's, quantized ones paged_attention_quant_ref's, SAQ paged_attention_saq_ref's)."""
 
     def __init__(self, inner: nn.Module, attention) -> None:
         super().__init__()
         self.inner = inner
         self.attention = attention
 
-    def forward(self, x, rope, k_cache, v_cache, kv):
+    def forward(self, x, rope, k_cache, v_cache, kv, scales=None):
+        """(o, *the layer's pool) as `Attention.forward`; k_cache, v_cache are kv_pool, kv_slots for SAQ."""
         a = self.inner
         q, k, v = a.project(x, rope)
-        out, k_cache, v_cache = self.attention(
-            q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens,
-            num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, scale=float(a.head_dim**-0.5), causal=True,
-            sliding_window=a.sliding_window,
-        )  # fmt: skip
-        return a.o(out), k_cache, v_cache
+        attrs = dict(num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, scale=float(a.head_dim**-0.5),
+                     causal=True, sliding_window=a.sliding_window)  # fmt: skip
+        if a.kv_format == SAQ_FORMAT:
+            inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.past_lens, kv.total_lens, kv.seq_slots)
+            out, *pool = self.attention(*inputs, fmt=a.saq, **attrs)
+        elif scales is not None:
+            inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+            out, *pool = self.attention(*inputs, *scales, a.k_mean, kv_format=a.kv_format, **attrs)
+        else:
+            inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+            out, *pool = self.attention(*inputs, **attrs)
+        return (a.output(out), *pool)  # output: the o projection, after rotating back an SAQ output
 
 
 def use_attention(model: Llama, attention) -> Llama:
@@ -392,9 +576,23 @@ def use_attention(model: Llama, attention) -> Llama:
     return model
 
 
-def attention_kernel_for(config: RuntimeConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """The torch backend's attention kernel for this node (`RuntimeConfig.attention_kernel`)."""
+def attention_kernel_for(
+    config: RuntimeConfig, device: torch.device, dtype: torch.dtype, kv_format: str = "fp32"
+) -> str:
+    """The torch backend's attention kernel for this node (`RuntimeConfig.attention_kernel`); quantized
+    and SAQ caches have triton and torch only, and no tensor parallelism."""
     kernel = config.attention_kernel
+    if kv_format not in TORCH_DTYPES:
+        if kernel in ("volta", "npu", "offload"):
+            raise ConfigError(
+                f"attention_kernel: {kernel} reads float KV pools only; a {kv_format} cache runs with "
+                "triton, torch or auto"
+            )
+        if config.tensor_parallel > 1:
+            raise ConfigError(
+                f"tensor_parallel: {config.tensor_parallel} shards float KV pools only; serve a {kv_format} "
+                "cache with tensor_parallel: 1, or re-export it with --kv-dtype fp16"
+            )
     if kernel in ("auto", "native", "function"):  # the last two name onnxruntime's choices
         return "triton" if device.type == "cuda" and dtype == torch.float16 else "torch"
     if kernel in ("triton", "volta") and (device.type != "cuda" or dtype != torch.float16):
@@ -402,6 +600,21 @@ def attention_kernel_for(config: RuntimeConfig, device: torch.device, dtype: tor
     if kernel == "offload" and device.type == "cuda" and dtype != torch.float16:
         raise ConfigError("attention_kernel: offload on cuda needs compute_dtype: fp16 (its decode kernel)")
     return kernel
+
+
+def kv_format_attention(kernel: str, kv_format: str, device: torch.device, head_dim: int):
+    """The node function of a quantized or SAQ cache for `kernel` (triton or torch, see
+    attention_kernel_for): int8 / int4 heads the Triton kernels do not take run the torch function."""
+    if kv_format == SAQ_FORMAT:
+        return SaqAttention(device, use_kernel=None if kernel == "triton" else False)
+    if kernel == "triton":
+        from kernels.attention_triton_quant import HEAD_DIMS
+
+        if head_dim in HEAD_DIMS[kv_format]:
+            return TritonQuantAttention()
+        log.info("%s KV: the Triton kernels take head_dim %s, not %d: attention runs in torch",
+                 kv_format, HEAD_DIMS[kv_format], head_dim)  # fmt: skip
+    return paged_attention_quant_torch
 
 
 def offload_attention(layout: KVCacheLayout, kv_gpu_bytes: int, num_layers: int, width: int, dtype, device):
@@ -502,18 +715,19 @@ class TorchBackend:
     def __init__(
         self, artifact: Artifact, config: RuntimeConfig, layout: KVCacheLayout, *, model: Llama | None = None
     ) -> None:
-        if artifact.kv_format not in TORCH_DTYPES:
-            raise ArtifactError(
-                f"{artifact.path}: KV format {artifact.kv_format!r} is not served by the torch (CUDA) "
-                "backend yet (kernels/attention_triton_quant.py has the kernels, not yet wired in); serve it "
-                "with backend: onnxruntime, or re-export it with --kv-dtype fp16 for this backend"
-            )
         self.device = _device(config.device)
         self.dtype = TORCH_DTYPES[artifact.dtype if config.compute_dtype == "auto" else config.compute_dtype]
         self.layout = layout
-        self.attention_kernel = attention_kernel_for(config, self.device, self.dtype)
+        self.kv_format = artifact.kv_format
+        self.attention_kernel = attention_kernel_for(config, self.device, self.dtype, self.kv_format)
         self.tensor_parallel = None
         model = load_model(artifact, self.dtype) if model is None else model
+        attn = model.layers[0].attn
+        built_for = getattr(attn, "inner", attn).kv_format or "fp"
+        if built_for != ("fp" if self.kv_format in TORCH_DTYPES else self.kv_format):
+            raise ValueError(
+                f"the given module is built for {built_for} KV, the artifact has {self.kv_format}"
+            )
         if config.tensor_parallel > 1:  # shard before moving: each rank holds only its part on the device
             from runtime.tensor_parallel import TensorParallel
 
@@ -522,45 +736,60 @@ class TorchBackend:
         spec = artifact.model
         first = model.layers[0].attn
         kv_width = getattr(first, "inner", first).num_kv_heads * spec.head_dim  # this rank's heads under TP
-        kv_dtype = (
-            torch.float16
-            if torch.float16 in (self.dtype, TORCH_DTYPES[artifact.kv_format])
-            else torch.float32
-        )
+        self._pool_tensors = artifact.pool_tensors()  # one layer's, in graph order
+        self._seq_slots = any(t.per == "slot" for t in self._pool_tensors)  # the step feeds seq_slots
         num_blocks = layout.num_blocks
-        if self.attention_kernel == "offload":
-            num_blocks, attention = offload_attention(
-                layout, config.kv_gpu_bytes, spec.num_layers, kv_width, kv_dtype, self.device
-            )
-        elif self.attention_kernel in ("triton", "volta"):
-            from kernels import attention_volta
-
-            attention = TritonAttention(attention_volta if self.attention_kernel == "volta" else None)
-        elif self.attention_kernel == "npu":
-            from kernels.attention_npu import paged_attention_npu as attention
+        if self.kv_format not in TORCH_DTYPES:
+            attention = kv_format_attention(self.attention_kernel, self.kv_format, self.device, spec.head_dim)
+            self._pools = [
+                torch.zeros(t.shape(layout), dtype=POOL_DTYPES[np.dtype(t.dtype)], device=self.device)
+                for _ in range(spec.num_layers)
+                for t in self._pool_tensors
+            ]
         else:
-            attention = paged_attention_torch
+            kv_dtype = (
+                torch.float16
+                if torch.float16 in (self.dtype, TORCH_DTYPES[self.kv_format])
+                else torch.float32
+            )
+            num_blocks, attention = self._float_attention(config, layout, spec.num_layers, kv_width, kv_dtype)
+            shape = (num_blocks, layout.block_size, kv_width)
+            self._pools = [
+                torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(2 * spec.num_layers)
+            ]
         self.model = use_attention(model.to(self.device), attention)
-        shape = (num_blocks, layout.block_size, kv_width)
-        self._pools = [
-            torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(2 * spec.num_layers)
-        ]
-        self._host_dtype = NUMPY_DTYPES[artifact.kv_format]
         self._graphs = None
         graphable = self.attention_kernel in ("triton", "volta", "torch") and self.tensor_parallel is None
-        if config.cuda_graphs and self.device.type == "cuda" and graphable:
+        if config.cuda_graphs and self.device.type == "cuda" and graphable and not self._seq_slots:
             max_seq_len = min(
                 config.max_seq_len or spec.max_position_embeddings, spec.max_position_embeddings
             )
             sizes = tuple(2**i for i in range(max(config.max_batch_size - 1, 0).bit_length() + 1))
             self._graphs = DecodeGraphs(self.model, self._pools, sizes, -(-max_seq_len // layout.block_size))
         log.info(
-            "loaded %s on %s: %s compute, attention %s, CUDA graphs %s, KV pool %d blocks x %d tokens (%s), "
-            "%d of them on the device, tensor parallel %d (all-reduce in %d chunks)",
+            "loaded %s on %s: %s compute, attention %s, CUDA graphs %s, KV %s: %d blocks x %d tokens, "
+            "%d slots (%s), %d blocks on the device, tensor parallel %d (all-reduce in %d chunks)",
             artifact.path, self.device, self.dtype, self.attention_kernel, self._graphs is not None,
-            layout.num_blocks, layout.block_size, kv_dtype, num_blocks, config.tensor_parallel,
-            config.allreduce_chunks,
+            artifact.kv_spec, layout.num_blocks, layout.block_size, layout.num_slots, self._pools[0].dtype,
+            num_blocks, config.tensor_parallel, config.allreduce_chunks,
         )  # fmt: skip
+
+    def _float_attention(self, config: RuntimeConfig, layout: KVCacheLayout, num_layers: int, kv_width: int,
+                         kv_dtype):  # fmt: skip
+        """(device blocks, the node function) of a float KV pool for this backend's attention kernel."""
+        if self.attention_kernel == "offload":
+            return offload_attention(layout, config.kv_gpu_bytes, num_layers, kv_width, kv_dtype, self.device)
+        if self.attention_kernel in ("triton", "volta"):
+            from kernels import attention_volta
+
+            return layout.num_blocks, TritonAttention(
+                attention_volta if self.attention_kernel == "volta" else None
+            )
+        if self.attention_kernel == "npu":
+            from kernels.attention_npu import paged_attention_npu
+
+            return layout.num_blocks, paged_attention_npu
+        return layout.num_blocks, paged_attention_torch
 
     def run(self, batch: StepBatch) -> np.ndarray:
         """One forward step; returns logits [B, L, V] float32 and leaves the pool updated."""
@@ -579,19 +808,21 @@ class TorchBackend:
         """One eager step: logits [B, L, V] float32 on the device."""
         inputs = {
             name: torch.from_numpy(np.require(value, requirements="CW")).to(self.device, INPUT_DTYPES[name])
-            for name, value in batch.feeds().items()
+            for name, value in batch.feeds(seq_slots=self._seq_slots).items()
         }
         logits, _ = self.model(**inputs, caches=self._pools)
         return logits
 
     def cache_arrays(self) -> list[HostView]:
-        """The pool (K and V per layer, in graph order) as numpy-indexed views, for KV export and import."""
+        """The pool (per layer, the artifact's pool tensors in graph order) as numpy-indexed views in the
+        artifact's KV format, for KV export and import."""
         if self.attention_kernel == "offload" or self.tensor_parallel is not None:
             raise ConfigError(
                 "KV export/import is not supported with attention_kernel: offload or tensor_parallel > 1; "
                 "route requests without a prefill node"
             )
-        return [HostView(pool, self._host_dtype) for pool in self._pools]
+        tensors = self._pool_tensors * (len(self._pools) // len(self._pool_tensors))
+        return [HostView(pool, np.dtype(t.dtype)) for pool, t in zip(self._pools, tensors)]
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """The pool's device tensors themselves."""
