@@ -246,17 +246,3 @@ def test_decode_quant_large(kv_format, num_heads, num_kv_heads, head_dim, dtype)
         num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16,
     )  # fmt: skip
     check(case, kv_format, dtype)
-
-
-def test_torch_backend_refuses_quantized_kv_artifacts():
-    """The GPU serving backend does not wire these kernels in yet: it says so, naming the format and
-    what to do, instead of failing on a dtype lookup."""
-    from types import SimpleNamespace
-
-    from runtime.backends.torch_cuda import TorchBackend
-    from runtime.errors import ArtifactError
-
-    for kv_format in ("int8", "int4"):
-        artifact = SimpleNamespace(kv_format=kv_format, path="model-dir")
-        with pytest.raises(ArtifactError, match=f"KV format '{kv_format}'.*--kv-dtype fp16"):
-            TorchBackend(artifact, config=None, layout=None)
