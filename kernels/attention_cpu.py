@@ -40,7 +40,7 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).resolve().parent
-SOURCES = [KERNELS_DIR / "csrc" / "fastattention_cpu.cc"]
+SOURCES = [KERNELS_DIR / "csrc" / "fastattention_cpu.cc", KERNELS_DIR / "csrc" / "saq_cpu.cc"]
 HEADERS = [KERNELS_DIR / "csrc" / "fastattention_cpu.h"]
 BUILD_DIR = KERNELS_DIR / "build"
 HEADERS_DIR = BUILD_DIR / "ort-headers"

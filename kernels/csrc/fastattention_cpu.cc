@@ -935,7 +935,7 @@ struct FlashAttentionOp : Ort::CustomOpBase<FlashAttentionOp<T, C>, FlashAttenti
 
 // Called by SessionOptions.register_custom_ops_library. Registers the type variants of FlashAttention: fp32,
 // fp16, fp32 activations over an fp16 KV cache, and fp32 activations over an int8 (int8 codes) or int4 (uint8
-// codes) cache.
+// codes) cache; then those of FlashAttentionSaq (saq_cpu.cc).
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace fastattention;
@@ -957,6 +957,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&op_fp32_kv_fp16);
     domain.Add(&op_fp32_kv_int8);
     domain.Add(&op_fp32_kv_int4);
+    add_saq_ops(domain);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));

@@ -1,5 +1,5 @@
-// Shared by the CPU kernels of the fastattention custom-op domain (one .so), starting with fastattention_cpu.cc
-// (FlashAttention over fp32/fp16/int8/int4 pools).
+// Shared by the CPU kernels of the fastattention custom-op domain (one .so): fastattention_cpu.cc
+// (FlashAttention over fp32/fp16/int8/int4 pools) and saq_cpu.cc (FlashAttentionSaq over the SAQ staircase).
 //
 // The header reads top to bottom: numerics (fp16 storage, exp) -> SIMD micro-kernels (GCC/Clang vector types;
 // see fastattention_cpu.cc for how they are used and tuned) -> running work items on ORT's thread pool ->
@@ -481,5 +481,8 @@ P* pool_output(Ort::KernelContext& context, size_t out, size_t in, const Shapes&
   if (pool != source) std::memcpy(pool, source, bytes);
   return pool;
 }
+
+// The FlashAttentionSaq op (saq_cpu.cc): RegisterCustomOps (fastattention_cpu.cc) adds it to the domain.
+void add_saq_ops(Ort::CustomOpDomain& domain);
 
 }  // namespace fastattention
