@@ -163,8 +163,9 @@ def greedy_agreement(engines: dict[str, Engine], tokens: int = 256) -> dict:
 
 
 def saq_compare(ids: list[int], schedules: dict[str, SaqSchedule], window: int) -> dict:
-    """SAQ schedules vs an fp16 cache on the PyTorch reference of the embedded model (kernels/kv_saq.py is
-    not an op of the graph yet): perplexity, KL and the cache's real bytes at the end of each window."""
+    """SAQ schedules vs an fp16 cache on the PyTorch reference of the embedded model (the per-sequence
+    SaqCache: quick to explore schedules, rotation and sinks without exporting; a served `--kv-dtype saq`
+    artifact is measured with --artifacts): perplexity, KL and the cache's real bytes at each window's end."""
     from exporters.checkpoint import open_checkpoint
     from exporters.model import Llama
     from exporters.onnx_export import ExportOptions, plan_weights
@@ -251,7 +252,12 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", default="benchmarks/results/kv_accuracy.json")
-    parser.add_argument("--saq", nargs="*", default=[], help="NAME=STAIRS[;sink=N;rotate=k] SAQ schedules")
+    parser.add_argument(
+        "--saq",
+        nargs="*",
+        default=[],
+        help="NAME=STAIRS[;stage=N;v_group=N;sink=N;rotate=kv;clip=2] SAQ schedules",
+    )
     parser.add_argument("--saq-tokens", type=int, default=16384)
     parser.add_argument("--saq-window", type=int, default=4096)
     args = parser.parse_args(argv)
