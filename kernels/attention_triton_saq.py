@@ -23,8 +23,8 @@ kernels/attention_triton_decode.py) and streams its split of the key positions; 
 Each closed stage is read where the format keeps it, at the width its age gives it
 (SaqFormat.stair_of_age; sinks at the top stair's): the sink records and the upper stairs' rings in the
 slot, the bottom stair in the paged pool through the block table. Every stair is its own loop with its
-width as a constexpr, so a tile's dequantization has no branch: codes are unpacked in registers (uint8 ->
-[BLOCK_N, D] codes, first channel in the low bits), K = code * k_scale + k_lo per channel of the stage, V
+width as a constexpr, so a tile's dequantization has no branch: each channel's code is loaded from its
+byte and shifted out (first channel in the low bits), K = code * k_scale + k_lo per channel of the stage, V
 = code * v_scale + v_lo per token and group, in fp16 (a fused multiply-add on the GPU: the exact value
 rounded once) for fp16 dots with fp32 accumulation. The open stage's rows come from the slot's fp16 tail
 (positions < past), the new tokens from k/v. The online softmax, the key range and the partial store are
@@ -41,11 +41,16 @@ dequantized values, then the new stage is encoded at the top stair. Clipped stai
 SAQ_CLIP_RATIOS at once (``quantize_device``); sums run in another order than the spec's loop, so a
 near-tie may pick another ratio (the spec allows it; tests compare with a tolerance there).
 
-Open (2026-11-25, H100, triton 3.6): the GPU tests of two small formats, "8:1,4:2,2;stage=8" and
-"4:2,2;stage=8;sink=2" (the only tested ones with a 2-entry ring or two sinks), got wrong outputs for
-the rows that read closed stages, while the interpreter passes them (also with the H100's split count
-and the GPU's write numerics) and the default format passes on the GPU. Not understood yet; see
-tests/kernels/test_attention_saq_triton.py (test_decode_token_by_token_matches_spec).
+GPU-only bug, fixed (2026-11-25, H100, triton 3.6): codes below 8 bits were unpacked by loading a row's
+bytes and interleaving the bit fields back with tl.join + tl.reshape. In the kernels compiled for some
+formats ("8:1,4:2,2;stage=8", "4:2,2;stage=8;sink=2", "8:1,4:1,2;stage=16"; not "8:1,4:1,2;stage=8" nor
+the default format) that put channels in the wrong place: max errors of 1 to 4 for every row reading a
+closed stage, with any split count, 1 or 4 warps, pipelined or not, while the interpreter (exact
+join/reshape) passed. All masked loads have ``other``, so masked-off garbage was not it. On the same
+cache and read, swapping only ``_unpack_codes`` for the per-channel version fixed every case. Cost: the
+per-channel byte loads make the read 1.4-1.5x (D=64) and 2.9-3.8x (D=128) slower than the join version
+(benchmarks/results/kv_saq_gpu.json); a join-free layout that keeps vector loads (q, k_lo/k_scale and
+the accumulator split by bit-field position instead of the codes interleaved) is still to be done.
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ MAX_STAIRS = 4  # three upper stairs (constexpr parameters of the kernel) and th
 # Tile configs by head_dim, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
 # by `python -m benchmarks.kv_saq_gpu` (times SAQ_CANDIDATES at B=1, N=32k, default format, and records
 # them in benchmarks/results/kv_saq_gpu.json; 128/8 needs more shared memory than sm_90 has at D=128).
-# 32 is untuned. Re-tune on another card with the same command and copy the best configs here.
+# 32 is untuned. Re-tune on another card with the same command and copy the best configs here. Since the
+# per-channel unpack the tuning prefers 64/4/3 at D=128 too (297 vs 371 us, H100, 2026-11-25); not adopted
+# before that config is checked against the spec on the GPU.
 SAQ_DECODE_CONFIGS = {32: DecodeConfig(64, 4, 3), 64: DecodeConfig(64, 4, 3), 128: DecodeConfig(32, 4, 3)}
 SAQ_CANDIDATES = [DecodeConfig(n, w, 3) for n, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
 INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
@@ -85,20 +92,18 @@ INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
 
 
 @triton.jit
-def _unpack_codes(ROW, row_ok, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Codes [BLOCK_N, HEAD_DIM] of one head; ROW [BLOCK_N, 1] points at each token row's first byte of
-    the head. Packed along channels, first channel in the low bits: 2-bit byte j holds channels
-    4j..4j+3, so joining (c0, c2) and (c1, c3) then (even, odd) interleaves them back in order."""
+def _unpack_codes(ROW, row_ok, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Codes [BLOCK_N, HEAD_DIM] (fp16) of one head; ROW [BLOCK_N, 1] points at each token row's first
+    byte of the head. Packed along channels, first channel in the low bits: channel c is the BITS bits
+    at (c * BITS) % 8 of byte c * BITS // 8. Below 8 bits each byte is loaded once per channel it holds
+    and shifted in place, with no tl.join / tl.reshape: on the H100 (triton 3.6) the join-and-reshape
+    unpack put channels in the wrong place in some tile shapes (see the module docstring)."""
+    c = tl.arange(0, HEAD_DIM)[None, :]
     if BITS == 8:
-        codes = tl.load(ROW + tl.arange(0, HEAD_DIM)[None, :], mask=row_ok[:, None], other=0)
-    elif BITS == 4:
-        byte = tl.load(ROW + tl.arange(0, HEAD_DIM // 2)[None, :], mask=row_ok[:, None], other=0)
-        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, HEAD_DIM))
-    else:
-        byte = tl.load(ROW + tl.arange(0, HEAD_DIM // 4)[None, :], mask=row_ok[:, None], other=0)
-        pairs = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
-        codes = tl.reshape(pairs, (BLOCK_N, HEAD_DIM))
-    return codes.to(tl.float16)
+        return tl.load(ROW + c, mask=row_ok[:, None], other=0).to(tl.float16)
+    byte = tl.load(ROW + c * BITS // 8, mask=row_ok[:, None], other=0)
+    shift = ((c * BITS) % 8).to(tl.uint8)
+    return ((byte >> shift) & ((1 << BITS) - 1)).to(tl.float16)
 
 
 @triton.jit
@@ -119,7 +124,7 @@ def _record_tile(REC, r, kv_h, BITS: tl.constexpr, STAGE: tl.constexpr, WIDTH: t
     k_scale = tl.load(rec16 + WIDTH + kv_h * HEAD_DIM + d)
     head_bytes = kv_h * (HEAD_DIM * BITS // 8)
     k_rows = REC + K_CODES + head_bytes + r[:, None] * ROW_BYTES
-    k_codes = _unpack_codes(k_rows, row_ok, BITS, HEAD_DIM, BLOCK_N)
+    k_codes = _unpack_codes(k_rows, row_ok, BITS, HEAD_DIM)
     k = k_codes * k_scale[None, :] + k_lo[None, :]
     g = r[:, None] * GROUPS + (kv_h * HEAD_DIM) // V_GROUP + tl.arange(0, HEAD_GROUPS)[None, :]
     v_lo = tl.load(rec16 + 2 * WIDTH + g, mask=row_ok[:, None], other=0.0)
@@ -130,7 +135,7 @@ def _record_tile(REC, r, kv_h, BITS: tl.constexpr, STAGE: tl.constexpr, WIDTH: t
     )
     v_scale = tl.broadcast_to(v_scale[:, :, None], (BLOCK_N, HEAD_GROUPS, GROUP_CHANNELS))
     v_scale = tl.reshape(v_scale, (BLOCK_N, HEAD_DIM))
-    v_codes = _unpack_codes(k_rows + (V_CODES - K_CODES), row_ok, BITS, HEAD_DIM, BLOCK_N)
+    v_codes = _unpack_codes(k_rows + (V_CODES - K_CODES), row_ok, BITS, HEAD_DIM)
     v = v_codes * v_scale + v_lo
     return k, v
 

@@ -156,6 +156,29 @@ def test_read_options_and_split_counts(num_splits, options):
     check_output(o.cpu(), ref, [2, 1])
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[2]], ids=["ring2-sink1", "ring2-sink2"])
+def test_read_of_two_entry_rings_and_sinks_over_many_stages(case, num_splits):
+    """The read alone over formats with a 2-entry ring (and 2 sinks): both ring entries, the sinks and
+    several bottom stages in one row, one stage per split (the shapes' own split count on the H100)
+    or several (the stair loops run more than once). Regression: on the H100 (triton 3.6) the kernels
+    compiled for these formats unpacked 4- and 2-bit codes with channels out of place (tl.join +
+    tl.reshape); the interpreter did not."""
+    spec, heads = case[:2]
+    seqs = Sequences(spec, *heads, max_blocks=16, seed=9)
+    (q, k, v), past, total = seqs.inputs([90, 45])
+    _, seqs.pool, seqs.slots = paged_attention_saq_ref(
+        q, k, v, seqs.pool, seqs.slots, seqs.table, past, total, seqs.seq_slots, fmt=seqs.fmt, **seqs.heads
+    )  # fmt: skip
+    (q, k, v), _, _ = seqs.inputs([1, 2])
+    args = (seqs.pool, seqs.slots, seqs.table, total, total + torch.tensor([1, 2], dtype=torch.int32),
+            seqs.seq_slots)  # fmt: skip
+    ref = paged_attention_saq_ref(q.float(), k, v, *args, fmt=seqs.fmt, **seqs.heads)[0]
+    o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
+                                   num_splits=num_splits)  # fmt: skip
+    check_output(o.cpu(), ref, [1, 2])
+
+
 def test_torch_twin_for_formats_the_kernel_does_not_take():
     """Five stairs and head_dim 80: attention_saq_torch and the write path against the spec."""
     seqs = Sequences("8:1,8:1,4:1,4:1,2;stage=8;v_group=16;sink=1;clip=4", 4, 2, 80, seed=5)
