@@ -157,7 +157,11 @@ def test_read_options_and_split_counts(num_splits, options):
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-@pytest.mark.parametrize("case", [DECODE_CASES[0], DECODE_CASES[2]], ids=["ring2-sink1", "ring2-sink2"])
+@pytest.mark.parametrize(
+    "case",
+    [DECODE_CASES[0], DECODE_CASES[2], (DECODE_CASES[2][0], (4, 1, 128))],
+    ids=["ring2-sink1", "ring2-sink2", "ring2-sink2-d128"],
+)
 def test_read_of_two_entry_rings_and_sinks_over_many_stages(case, num_splits):
     """The read alone over formats with a 2-entry ring (and 2 sinks): both ring entries, the sinks and
     several bottom stages in one row, one stage per split (the shapes' own split count on the H100)
@@ -177,6 +181,20 @@ def test_read_of_two_entry_rings_and_sinks_over_many_stages(case, num_splits):
     o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
                                    num_splits=num_splits)  # fmt: skip
     check_output(o.cpu(), ref, [1, 2])
+
+
+@pytest.mark.parametrize(
+    "spec, head_dim",
+    [("8:1,4:1,2;stage=8;v_group=16;sink=1", 32), ("8:1,4:1,2;stage=8;v_group=2;sink=1", 128)],
+    ids=["d32", "vgroup2"],
+)
+def test_per_channel_unpack_for_narrow_heads_and_groups(spec, head_dim):
+    """Heads of 32 channels (a quarter head would be a dot below 16) and V groups of 2 channels (not a
+    multiple of 4) take the per-channel unpack instead of the quarter-head split."""
+    seqs = Sequences(spec, 4, 2, head_dim, seed=6)
+    seqs.step([27, 9])
+    for _ in range(3):
+        seqs.step([1, 1])
 
 
 def test_torch_twin_for_formats_the_kernel_does_not_take():
