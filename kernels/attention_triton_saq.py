@@ -31,8 +31,8 @@ sum of the 4 sub-tiles' dots, each sub-tile of V gives its own output channels (
 heads load each channel's byte and shift its code out (first channel in the low bits). K = code *
 k_scale + k_lo per channel of the stage, V = code * v_scale + v_lo per token and group, in fp16 (a fused
 multiply-add on the GPU: the exact value rounded once) for fp16 dots with fp32 accumulation. The open
-stage's rows come from the slot's fp16 tail (positions < past), the new tokens from k/v. The online softmax, the key range and the partial store are
-the fp16 decode kernel's helpers; ``_decode_merge_kernel`` merges the splits. Split counts depend on
+stage's rows come from the slot's fp16 tail (positions < past), the new tokens from k/v. The online
+softmax, the key range and the partial store are the fp16 decode kernel's helpers; ``_decode_merge_kernel`` merges the splits. Split counts depend on
 shapes only: the read kernel can be captured in a CUDA graph. Any S works: S > ~16 (a prefill chunk) runs
 GROUP*S rows as row tiles of 64 that each re-read their keys (bounded by the tile's last query when
 causal); fine for chunks, not a prefill kernel. Heads of 32, 64 or 128 channels, at most 4 stairs, and V
