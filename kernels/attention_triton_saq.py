@@ -17,26 +17,26 @@ the byte layout is ``kernels.kv_formats.SaqFormat``'s.
 - Read before write: positions < past come from the cache as it was before this call, positions
   >= past from k/v rounded to fp16 (what the open stage will hold).
 
-Read kernel (``flash_attention_decode_saq``). One program per (row b, KV head, row tile, split) owns the
-GROUP query heads of that KV head for the row's S tokens as one tile (GQA packing, as
-kernels/attention_triton_decode.py) and streams its split of the key positions; splits are whole stages.
-Each closed stage is read where the format keeps it, at the width its age gives it
-(SaqFormat.stair_of_age; sinks at the top stair's): the sink records and the upper stairs' rings in the
-slot, the bottom stair in the paged pool through the block table. Every stair is its own loop with its
-width as a constexpr, so a tile's dequantization has no branch. Heads of 128 channels are split into
-quarter heads by channel % 4 (``_sub_tiles``): q, each record's k_lo / k_scale and the accumulator are
-held as 4 sub-tiles of channels 4j + i, and one word of BITS / 2 bytes per token row (4 channels) is
-loaded once per sub-tile and shifted by i * BITS, so the codes are never re-interleaved: scores are the
-sum of the 4 sub-tiles' dots, each sub-tile of V gives its own output channels (stored strided). Smaller
-heads load each channel's byte and shift its code out (first channel in the low bits). K = code *
-k_scale + k_lo per channel of the stage, V = code * v_scale + v_lo per token and group, in fp16 (a fused
-multiply-add on the GPU: the exact value rounded once) for fp16 dots with fp32 accumulation. The open
-stage's rows come from the slot's fp16 tail (positions < past), the new tokens from k/v. The online
-softmax, the key range and the partial store are the fp16 decode kernel's helpers; ``_decode_merge_kernel`` merges the splits. Split counts depend on
-shapes only: the read kernel can be captured in a CUDA graph. Any S works: S > ~16 (a prefill chunk) runs
-GROUP*S rows as row tiles of 64 that each re-read their keys (bounded by the tile's last query when
-causal); fine for chunks, not a prefill kernel. Heads of 32, 64 or 128 channels, at most 4 stairs, and V
-groups that a head's channels divide or that divide a head; other formats use ``attention_saq_torch``.
+Read kernel (``flash_attention_decode_saq``). One program per (row b, KV head, row tile, split) owns the GROUP
+query heads of that KV head for the row's S tokens as one tile (GQA packing, as
+kernels/attention_triton_decode.py) and streams its split of the key positions; splits are whole stages. Each
+closed stage is read where the format keeps it, at the width its age gives it (SaqFormat.stair_of_age; sinks
+at the top stair's): the sink records and the upper stairs' rings in the slot, the bottom stair in the paged
+pool through the block table. Every stair is its own loop with its width as a constexpr, so a tile's
+dequantization has no branch. Heads of 128 channels are split into quarter heads by channel % 4
+(``_sub_tiles``): q, each record's k_lo / k_scale and the accumulator are held as 4 sub-tiles of channels 4j +
+i, and one word of BITS / 2 bytes per token row (4 channels) is loaded once per sub-tile and shifted by i *
+BITS, so the codes are never re-interleaved: scores are the sum of the 4 sub-tiles' dots, each sub-tile of V
+gives its own output channels (stored strided). Smaller heads load each channel's byte and shift its code out
+(first channel in the low bits). K = code * k_scale + k_lo per channel of the stage, V = code * v_scale + v_lo
+per token and group, in fp16 (a fused multiply-add on the GPU: the exact value rounded once) for fp16 dots
+with fp32 accumulation. The open stage's rows come from the slot's fp16 tail (positions < past), the new
+tokens from k/v. The online softmax, the key range and the partial store are the fp16 decode kernel's helpers;
+``_decode_merge_kernel`` merges the splits. Split counts depend on shapes only: the read kernel can be
+captured in a CUDA graph. Any S works: S > ~16 (a prefill chunk) runs GROUP*S rows as row tiles of 64 that
+each re-read their keys (bounded by the tile's last query when causal); fine for chunks, not a prefill kernel.
+Heads of 32, 64 or 128 channels, at most 4 stairs, and V groups that a head's channels divide or that divide a
+head; other formats use ``attention_saq_torch``.
 
 Write path (``write_kv_saq``): torch on the device, after one read of the lengths to the host (a stage
 closes once per `stage` tokens of a row; the tail write is one indexed copy). Closing a stage is the
