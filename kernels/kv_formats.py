@@ -72,7 +72,9 @@ class SaqFormat:
             try:
                 stairs.append((int(bits), int(count) if count else 0))
             except ValueError:
-                raise ValueError(f"SAQ stair {part!r}: write BITS:STAGES (e.g. 8:1), the last one BITS") from None
+                raise ValueError(
+                    f"SAQ stair {part!r}: write BITS:STAGES (e.g. 8:1), the last one BITS"
+                ) from None
             if (i < len(parts) - 1) != (stairs[-1][1] > 0):
                 raise ValueError(
                     f"SAQ stairs {stairs_text!r}: every stair but the last needs BITS:STAGES (stages >= 1), "
@@ -98,7 +100,9 @@ class SaqFormat:
             raise ValueError(f"SAQ needs a KV width divisible by 4, not {self.width}")
 
     def text(self) -> str:
-        return f"{self.stairs_text};stage={self.stage};v_group={self.v_group};sink={self.sink};clip={self.clip}"
+        return (
+            f"{self.stairs_text};stage={self.stage};v_group={self.v_group};sink={self.sink};clip={self.clip}"
+        )
 
     @property
     def stairs_text(self) -> str:

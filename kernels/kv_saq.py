@@ -58,7 +58,9 @@ class SaqSchedule:
                 ) from None
             if not last and stairs[-1][1] <= 0:
                 raise ValueError(f"SAQ stair {part!r}: every stair but the last needs a stage count >= 1")
-        schedule = cls(stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate, clip=clip)
+        schedule = cls(
+            stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate, clip=clip
+        )
         schedule.validate()
         return schedule
 
@@ -138,7 +140,13 @@ class _Stage:
     """A closed stage: K [T, W] quantized per channel, V [T, W] per token per group."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, bits: int, v_group: int, clip: int = 0) -> None:
-        self.bits, self.tokens, self.width, self.v_group, self.clip = bits, k.shape[0], k.shape[1], v_group, clip
+        self.bits, self.tokens, self.width, self.v_group, self.clip = (
+            bits,
+            k.shape[0],
+            k.shape[1],
+            v_group,
+            clip,
+        )
         k_codes, self.k_lo, self.k_scale = quantize_asym(k, bits, dim=0, clip=bits <= clip)
         v_codes, self.v_lo, self.v_scale = quantize_asym(
             v.unflatten(-1, (-1, v_group)), bits, dim=-1, clip=bits <= clip
@@ -310,7 +318,9 @@ def decode_record(record: torch.Tensor, fmt: SaqFormat, bits: int) -> tuple[torc
 class _SlotView:
     """Where each closed stage of one sequence lives: a ring entry of its slot, or a paged block."""
 
-    def __init__(self, pool: torch.Tensor, slots: torch.Tensor, slot: int, table: torch.Tensor, fmt: SaqFormat):
+    def __init__(
+        self, pool: torch.Tensor, slots: torch.Tensor, slot: int, table: torch.Tensor, fmt: SaqFormat
+    ):
         self.pool, self.slot, self.table, self.fmt = pool, slots[slot], table, fmt
 
     def record(self, stair: int, stage: int) -> torch.Tensor:
@@ -386,7 +396,8 @@ def paged_attention_saq_ref(
     Write: the open stage's earlier rows (the slot's tail) and the new tokens are one run from the first
     open position; every stage the run completes closes (`_SlotView.close`), the rest becomes the tail.
     Read: positions >= past use the new K/V as given (rounded to fp16, as the tail holds them);
-    positions < past the cache as it was before this call's write (so a kernel attends, then writes). Returns (o, kv_pool, kv_slots) (copies)."""
+    positions < past the cache as it was before this call's write (so a kernel attends, then writes).
+    Returns (o, kv_pool, kv_slots) (copies)."""
     B, S, _ = q.shape
     D = q.shape[-1] // num_heads
     kv_pool, kv_slots = kv_pool.clone(), kv_slots.clone()

@@ -23,12 +23,16 @@ W = HKV * D
 
 
 def _pools(fmt: SaqFormat, blocks: int, slots: int):
-    return torch.zeros(blocks, fmt.block_bytes, dtype=torch.uint8), torch.zeros(slots, fmt.slot_bytes, dtype=torch.uint8)
+    return torch.zeros(blocks, fmt.block_bytes, dtype=torch.uint8), torch.zeros(
+        slots, fmt.slot_bytes, dtype=torch.uint8
+    )
 
 
 def test_parse_layout_and_errors():
     fmt = SaqFormat.parse("8:1,4:4,2;stage=64;v_group=32", 192)
-    assert fmt.stairs == ((8, 1), (4, 4), (2, 0)) and fmt.text() == "8:1,4:4,2;stage=64;v_group=32;sink=0;clip=0"
+    assert (
+        fmt.stairs == ((8, 1), (4, 4), (2, 0)) and fmt.text() == "8:1,4:4,2;stage=64;v_group=32;sink=0;clip=0"
+    )
     # record: fp16 K lo/scale per channel, V lo/scale per token per group, then the codes
     assert fmt.record_bytes(2) == 4 * 192 + 4 * 64 * 6 + 2 * 64 * 192 * 2 // 8
     assert fmt.slot_bytes == 2 * 2 * 64 * 192 + fmt.record_bytes(8) + 4 * fmt.record_bytes(4)
@@ -37,9 +41,15 @@ def test_parse_layout_and_errors():
     sunk = SaqFormat.parse("8:1,2;stage=64;sink=2;clip=2", 192)
     assert sunk.slot_bytes == 2 * 2 * 64 * 192 + 3 * sunk.record_bytes(8)  # two sink records + the ring
     assert sunk.ring_offset(0) == sunk.sink_offset + 2 * sunk.record_bytes(8)
-    for spec, message in (("8:1,3", "8, 4 or 2"), ("4:1,8", "must not increase"), ("8,2", "BITS:STAGES"),
-                          ("8:1,2;stage=12", "multiple of 8"), ("4;v_group=50", "divide"), ("4;x=1", "stage=N"),
-                          ("4;clip=3", "clip=3")):
+    for spec, message in (
+        ("8:1,3", "8, 4 or 2"),
+        ("4:1,8", "must not increase"),
+        ("8,2", "BITS:STAGES"),
+        ("8:1,2;stage=12", "multiple of 8"),
+        ("4;v_group=50", "divide"),
+        ("4;x=1", "stage=N"),
+        ("4;clip=3", "clip=3"),
+    ):
         with pytest.raises(ValueError, match=message):
             SaqFormat.parse(spec, 192)
 
@@ -101,7 +111,11 @@ def test_padding_rows_and_other_sequences_untouched():
     fmt = SaqFormat.parse("4:2,2;stage=8;v_group=32", W)
     g = torch.Generator().manual_seed(2)
     pool, slots = _pools(fmt, 8, 3)
-    q, k, v = torch.randn(2, 20, HQ * D, generator=g), torch.randn(2, 20, W, generator=g), torch.randn(2, 20, W, generator=g)
+    q, k, v = (
+        torch.randn(2, 20, HQ * D, generator=g),
+        torch.randn(2, 20, W, generator=g),
+        torch.randn(2, 20, W, generator=g),
+    )
     table = torch.tensor([[1, 2, 3], [4, 5, 6]])
     _, pool1, slots1 = paged_attention_saq_ref(
         q, k, v, pool, slots, table, torch.tensor([0, 0]), torch.tensor([20, 9]), torch.tensor([1, 2]),
