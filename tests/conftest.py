@@ -43,10 +43,10 @@ def _source_hash() -> str:
 def cached_export(checkpoint_path: Path, options: ExportOptions, name: str) -> Path:
     from exporters.checkpoint import open_checkpoint
 
-    out = (
-        CACHE
-        / f"{name}-{options.weights}-{options.compute}-{options.dtype}-kv{options.kv_dtype}-{_source_hash()}"
+    kv = options.kv_dtype + (
+        f"-{hashlib.sha256(options.kv_saq.encode()).hexdigest()[:8]}" if options.kv_saq else ""
     )
+    out = CACHE / f"{name}-{options.weights}-{options.compute}-{options.dtype}-kv{kv}-{_source_hash()}"
     if not (out / MANIFEST_FILE).is_file():
         export_artifact(open_checkpoint(checkpoint_path), out, options, replace=True)
     return out

@@ -3,7 +3,8 @@
 Mechanics run on the tiny random model (fast). Accuracy runs on the embedded model, exported with fp32
 weights and compute so that only the KV format differs from the baseline, on held-out standard-library
 docstrings. The issue's bars, over 20480 tokens (benchmarks/results/kv_accuracy.json): int8 dPPL <= 0.01
-(0.0045: met) and mean KL <= 1e-3 (1.8e-4: met); int4 dPPL <= 0.1 (0.79: NOT met). The test's 2048
+(0.0045: met) and mean KL <= 1e-3 (1.8e-4: met); int4 dPPL <= 0.1: NOT met by the per-token int4 here
+(0.79), met by the KIVI-style int4 (0.030; test_kivi_int4_accuracy_bar). The test's 2048
 tokens are too few for a dPPL of 0.01 (int8 measures 0.017 there), so it checks int8's KL against the bar
 and guards the rest against regressions.
 """
@@ -166,3 +167,30 @@ def test_accuracy_bars(smollm2_fp32, smollm2_kv):
     assert kl["int8"] <= 1e-3 and abs(dppl["int8"]) <= 0.03, result
     assert kl["int4"] <= 0.08 and abs(dppl["int4"]) <= 1.0, result
     assert kl["int8"] < kl["int4"], "int4 should lose more than int8"
+
+
+@pytest.mark.slow
+def test_kivi_int4_accuracy_bar(smollm2_fp32, embedded_gguf):
+    """The issue's int4 bar (dPPL <= 0.1) on the KIVI-style int4 cache: the SAQ format with one 4-bit stair
+    (`--kv-dtype saq --kv-saq "4;stage=64;v_group=32"`: K per channel per 64 tokens, V per token per 32
+    channels, the open stage fp16), served by the native kernel. Same 2 x 1024 tokens as above; measured
+    here: dPPL -0.017, KL 0.0037; over 20480 tokens (benchmarks/results/kv_accuracy.json) 0.030, KL 0.0020."""
+    from benchmarks.kv_accuracy import compare, eval_ids
+    from kernels import attention_cpu
+
+    if not attention_cpu.library_path():
+        pytest.skip(
+            "the SAQ op runs on the native kernel only; build it: python -m kernels.attention_cpu build"
+        )
+    options = ExportOptions(
+        weights="fp", compute="fp32", kv_dtype="saq", kv_saq="4;stage=64;v_group=32", progress=False
+    )
+    config = RuntimeConfig(kv_cache_bytes=256 << 20)
+    engines = {
+        "fp32": Engine.from_artifact(smollm2_fp32, config),
+        "kivi4": Engine.from_artifact(cached_export(embedded_gguf, options, "smollm2"), config),
+    }
+    assert engines["kivi4"].artifact.kv_spec.startswith("saq 4;stage=64")
+    result = compare(engines, eval_ids(engines["fp32"], 2048), window=1024, chunk=256)
+    print("KIVI int4:", result["delta_perplexity"], result["mean_kl"])
+    assert abs(result["delta_perplexity"]["kivi4"]) <= 0.1 and result["mean_kl"]["kivi4"] <= 0.01, result
