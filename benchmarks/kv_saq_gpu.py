@@ -22,18 +22,20 @@ Results go to benchmarks/results/kv_saq_gpu.json with the card, date, versions a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
+from benchmarks.kv_quant_gpu import (  # one timing method
+    environment,
+    graph_ms_per_call,
+    guarded,
+    median_event_ms,
+)
 from kernels.attention_triton_decode import flash_attention_decode
 from kernels.attention_triton_saq import (
     SAQ_CANDIDATES,
@@ -53,35 +55,6 @@ BLOCK_SIZE = 16  # the fp16 pool's
 BATCHES = [1, 8]
 LENGTHS = [8192, 32768]
 DEVICE = "cuda"
-
-
-def median_event_ms(fn, *, reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def graph_ms_per_call(calls, *, per_graph: int = 20, replays: int = 15) -> float:
-    """Median time of one call, from a CUDA graph of `per_graph` calls rotating over `calls`."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls[:per_graph]:
-            fn()  # compiles outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(per_graph):
-            calls[i % len(calls)]()
-    return median_event_ms(graph.replay, reps=replays, warmup=2) / per_graph
 
 
 # ---------------------------------------------------------------- inputs
@@ -241,26 +214,6 @@ def time_step(heads, fmt: SaqFormat, batch: int) -> dict:
         closing = 8191 // fmt.stage  # the next stage to close: the cascade moves a stage on every stair
         row["close_stage_us"] = median_event_ms(lambda: close_stage(view, closing, k, v)) * 1e3
     return row
-
-
-def environment() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    return dict(
-        gpu=props.name, capability=list(torch.cuda.get_device_capability()), sms=props.multi_processor_count,
-        l2_bytes=props.L2_cache_size, python=platform.python_version(), torch=torch.__version__,
-        triton=triton.__version__, cuda=torch.version.cuda,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
-
-
-def guarded(results: dict, key: str, fn, *args):
-    """fn(*args); a failure is recorded in results["errors"] and the run goes on."""
-    try:
-        return fn(*args)
-    except Exception:
-        results.setdefault("errors", {})[key] = traceback.format_exc()[-2000:]
-        print(f"{key} failed:\n{results['errors'][key]}", flush=True)
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
