@@ -297,87 +297,68 @@ class Attention(nn.Module):
         if scales is not None:
             return self._forward_quantized(x, rope, k_cache, v_cache, kv, scales)
         q, k, v = self.project(x, rope)
-        attrs = dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            scale=float(self.head_dim**-0.5),
-            causal=1,
-            sliding_window=self.sliding_window,
+        inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
+        out, pools = self._node(
+            ATTENTION_OP,
+            inputs,
+            (k_cache, v_cache),
+            lambda attrs: paged_attention_ref(*inputs, **attrs),
             kv_format=KV_FORMATS[k_cache.dtype],  # the pool's storage; may differ from q's type
         )
-        inputs = (q, k, v, k_cache, v_cache, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
-        if torch.onnx.is_in_onnx_export():
-            out, k_cache, v_cache = torch.onnx.ops.symbolic_multi_out(
-                f"{ATTENTION_DOMAIN}::{ATTENTION_OP}",
-                inputs,
-                attrs,
-                dtypes=(q.dtype, k_cache.dtype, v_cache.dtype),
-                shapes=(q.shape, k_cache.shape, v_cache.shape),
-                version=ATTENTION_OP_VERSION,
-            )
-        else:
-            attrs.pop("kv_format")
-            attrs["causal"] = True
-            out, k_cache, v_cache = paged_attention_ref(*inputs, **attrs)
-        return self.o(out), k_cache, v_cache
+        return (self.o(out), *pools)
 
     def _forward_quantized(self, x, rope: Rope, k_codes, v_codes, kv: PagedKV, scales):
         q, k, v = self.project(x, rope)
-        k_scale, v_scale = scales
         inputs = (q, k, v, k_codes, v_codes, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
-        inputs += (k_scale, v_scale, self.k_mean)
-        attrs = dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            scale=float(self.head_dim**-0.5),
-            causal=1,
-            sliding_window=self.sliding_window,
+        inputs += (*scales, self.k_mean)
+        out, pools = self._node(
+            ATTENTION_OP,
+            inputs,
+            (k_codes, v_codes, *scales),
+            lambda attrs: paged_attention_quant_ref(*inputs, kv_format=self.kv_format, **attrs),
             kv_format=self.kv_format,
         )
-        pools = (k_codes, v_codes, k_scale, v_scale)
-        if torch.onnx.is_in_onnx_export():
-            out, *pools = torch.onnx.ops.symbolic_multi_out(
-                f"{ATTENTION_DOMAIN}::{ATTENTION_OP}",
-                inputs,
-                attrs,
-                dtypes=(q.dtype, *(t.dtype for t in pools)),
-                shapes=(q.shape, *(t.shape for t in pools)),
-                version=ATTENTION_OP_VERSION,
-            )
-        else:
-            attrs["causal"] = True
-            out, *pools = paged_attention_quant_ref(*inputs, **attrs)
         return (self.output(out), *pools)
 
     def _forward_saq(self, x, rope: Rope, kv_pool, kv_slots, kv: PagedKV):
         q, k, v = self.project(x, rope)
         inputs = (q, k, v, kv_pool, kv_slots, kv.block_table, kv.slot_mapping, kv.past_lens, kv.total_lens)
         inputs += (kv.seq_slots,)
+        # slot_mapping is the node's input only so that every format's graph has the same inputs
+        spec_inputs = (q, k, v, kv_pool, kv_slots, kv.block_table, kv.past_lens, kv.total_lens, kv.seq_slots)
+        out, pools = self._node(
+            SAQ_ATTENTION_OP,
+            inputs,
+            (kv_pool, kv_slots),
+            lambda attrs: paged_attention_saq_ref(*spec_inputs, fmt=self.saq, **attrs),
+            kv_format=SAQ_FORMAT,
+            saq=self.saq.text(),
+        )
+        return (self.output(out), *pools)
+
+    def _node(self, op: str, inputs: tuple, pools: tuple, reference, **format_attrs):
+        """One attention node over `pools`: the custom op `op` while exporting (the common attributes plus
+        `format_attrs`), else its spec, `reference(common attributes)`. Returns (o, updated pools)."""
         attrs = dict(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             scale=float(self.head_dim**-0.5),
             causal=1,
             sliding_window=self.sliding_window,
-            kv_format=SAQ_FORMAT,
-            saq=self.saq.text(),
         )
-        if torch.onnx.is_in_onnx_export():
-            out, kv_pool, kv_slots = torch.onnx.ops.symbolic_multi_out(
-                f"{ATTENTION_DOMAIN}::{SAQ_ATTENTION_OP}",
-                inputs,
-                attrs,
-                dtypes=(q.dtype, kv_pool.dtype, kv_slots.dtype),
-                shapes=(q.shape, kv_pool.shape, kv_slots.shape),
-                version=ATTENTION_OP_VERSION,
-            )
-        else:
-            del attrs["kv_format"], attrs["saq"]
-            attrs.update(causal=True, fmt=self.saq)
-            out, kv_pool, kv_slots = paged_attention_saq_ref(
-                q, k, v, kv_pool, kv_slots, kv.block_table, kv.past_lens, kv.total_lens, kv.seq_slots, **attrs
-            )  # slot_mapping is the node's input only so that every format's graph has the same inputs
-        return self.output(out), kv_pool, kv_slots
+        if not torch.onnx.is_in_onnx_export():
+            out, *pools = reference({**attrs, "causal": True})
+            return out, pools
+        q = inputs[0]
+        out, *pools = torch.onnx.ops.symbolic_multi_out(
+            f"{ATTENTION_DOMAIN}::{op}",
+            inputs,
+            {**attrs, **format_attrs},
+            dtypes=(q.dtype, *(t.dtype for t in pools)),
+            shapes=(q.shape, *(t.shape for t in pools)),
+            version=ATTENTION_OP_VERSION,
+        )
+        return out, pools
 
 
 class MLP(nn.Module):
