@@ -17,15 +17,14 @@ import pytest
 import torch
 import yaml
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from exporters import cli
 from exporters.checkpoint import open_checkpoint
 from exporters.model import Attention, Llama, hadamard
 from exporters.onnx_export import ExportOptions, _saq_manifest, export_artifact, plan_weights
 from kernels.kv_formats import SaqFormat
-from kernels.kv_saq import paged_attention_saq_ref
 from tests.models import TINY, write_tiny_gguf
+from tests.saq_reference_ops import SAQ_REFERENCE_OPS
 
 SPEC = "8:1,4:1,2;stage=8;v_group=16"  # tiny: 8-token stages, so 32 tokens reach the 2-bit stair
 WIDTH = TINY["kv_heads"] * TINY["head_dim"]
@@ -142,41 +141,13 @@ def test_manifest_describes_the_staircase(saq_artifact):
     assert graph["outputs"] == ["logits", "kv_pool.{layer}.out", "kv_slots.{layer}.out"]
 
 
-class SimplifiedLayerNormalization(OpRun):
-    """ONNX Runtime's RMS norm (the graph's norms), for the reference evaluator (named after the op)."""
-
-    op_domain = ""
-
-    def _run(self, x, weight, axis=-1, epsilon=1e-5, stash_type=1):
-        xf = x.astype(np.float32)
-        return ((xf / np.sqrt((xf * xf).mean(axis, keepdims=True) + epsilon) * weight).astype(x.dtype),)
-
-
-class FlashAttentionSaq(OpRun):
-    """The node bound to its spec."""
-
-    op_domain = "fastattention"
-
-    def _run(self, q, k, v, pool, slots, table, slot_mapping, past, total, seq_slots, **attrs):
-        t = torch.from_numpy
-        o, pool, slots = paged_attention_saq_ref(
-            t(q), t(k), t(v), t(pool), t(slots), t(table), t(past), t(total), t(seq_slots),
-            num_heads=attrs["num_heads"], num_kv_heads=attrs["num_kv_heads"], scale=attrs["scale"],
-            fmt=SaqFormat.parse(attrs["saq"], k.shape[-1]), causal=bool(attrs["causal"]),
-            sliding_window=attrs["sliding_window"],
-        )  # fmt: skip
-        return o.numpy(), pool.numpy(), slots.numpy()
-
-
 def test_graph_computes_the_eager_model(tiny, saq_artifact):
     """Two sequences in slots 2 and 1 (padded rows), prefilled together, then a mixed step (a decode and
     a chunk that closes a stage), then a decode each. The exported graph, fed its own pool outputs and
     its node bound to the spec, gives the eager module's logits (fed the eager pools)."""
     _, checkpoint, weights = tiny
     model = Llama(checkpoint.config, weights, kv_format="saq", kv_saq=SPEC).eval()
-    graph = ReferenceEvaluator(
-        str(saq_artifact / "model.onnx"), new_ops=[SimplifiedLayerNormalization, FlashAttentionSaq]
-    )
+    graph = ReferenceEvaluator(str(saq_artifact / "model.onnx"), new_ops=SAQ_REFERENCE_OPS)
     names = [f"{name}.{i}" for i in range(TINY["num_layers"]) for name in ("kv_pool", "kv_slots")]
     caches = _pools(model, num_blocks=9)
     graph_caches = [c.numpy() for c in caches]

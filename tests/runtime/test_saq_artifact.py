@@ -13,12 +13,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from kernels.kv_formats import SaqFormat
-from kernels.kv_saq import paged_attention_saq_ref
 from runtime.artifact import Artifact, load_artifact
 from runtime.backends.onnxruntime import StepBatch
 from runtime.config import RuntimeConfig
@@ -26,6 +23,7 @@ from runtime.engine import Engine
 from runtime.kv_cache import KVCacheLayout
 from runtime.sampling import SamplingParams
 from runtime.sequence import ImportedKV
+from tests.saq_reference_ops import SAQ_REFERENCE_OPS
 
 SPEC = "8:1,4:1,2;stage=8;v_group=16"  # 8-token stages: a 30-token prompt reaches the paged bottom stair
 PROMPTS = [
@@ -35,32 +33,6 @@ PROMPTS = [
 ]
 
 
-class SimplifiedLayerNormalization(OpRun):
-    """ONNX Runtime's RMS norm (the graph's norms), for the reference evaluator."""
-
-    op_domain = ""
-
-    def _run(self, x, weight, axis=-1, epsilon=1e-5, stash_type=1):
-        xf = x.astype(np.float32)
-        return ((xf / np.sqrt((xf * xf).mean(axis, keepdims=True) + epsilon) * weight).astype(x.dtype),)
-
-
-class FlashAttentionSaq(OpRun):
-    """The node bound to its spec."""
-
-    op_domain = "fastattention"
-
-    def _run(self, q, k, v, pool, slots, table, slot_mapping, past, total, seq_slots, **attrs):
-        t = torch.from_numpy
-        o, pool, slots = paged_attention_saq_ref(
-            t(q), t(k), t(v), t(pool), t(slots), t(table), t(past), t(total), t(seq_slots),
-            num_heads=attrs["num_heads"], num_kv_heads=attrs["num_kv_heads"], scale=attrs["scale"],
-            fmt=SaqFormat.parse(attrs["saq"], k.shape[-1]), causal=bool(attrs["causal"]),
-            sliding_window=attrs["sliding_window"],
-        )  # fmt: skip
-        return o.numpy(), pool.numpy(), slots.numpy()
-
-
 class EvaluatorBackend:
     """OrtBackend's contract on the reference evaluator: pools per `per`, seq_slots fed when the graph
     takes it, each step's pool outputs written back into the pools."""
@@ -68,9 +40,7 @@ class EvaluatorBackend:
     attention_kernel = "reference-evaluator"
 
     def __init__(self, artifact: Artifact, config: RuntimeConfig, layout: KVCacheLayout) -> None:
-        self.graph = ReferenceEvaluator(
-            str(artifact.model_file), new_ops=[SimplifiedLayerNormalization, FlashAttentionSaq]
-        )
+        self.graph = ReferenceEvaluator(str(artifact.model_file), new_ops=SAQ_REFERENCE_OPS)
         pool = artifact.pool_tensors()
         self.layout = layout
         self._names = [f"{t.name}.{i}" for i in range(artifact.model.num_layers) for t in pool]
