@@ -168,3 +168,46 @@ class SaqFormat:
                 return i
             age -= count
         return len(self.stairs) - 1
+
+    # -- what one sequence holds -------------------------------------------------------------------
+
+    @property
+    def upper_stages(self) -> int:
+        """Closed stages the stairs above the bottom one hold (their rings' entries), sinks aside."""
+        return sum(count for _, count in self.stairs[:-1])
+
+    def bottom_stages(self, tokens: int) -> range:
+        """Logical stages on the bottom stair, in paged blocks, once `tokens` tokens are cached: the closed
+        stages older than the upper stairs hold, sinks aside. Only those ever touch their block, and a stage
+        that reaches the bottom stays there (_SlotView.close), so bottom_stages(n) grows with n."""
+        return range(self.sink, max(self.sink, tokens // self.stage - self.upper_stages))
+
+    def slot_ranges(self, tokens: int) -> list[tuple[int, int]]:
+        """(byte offset, bytes) of a slot that hold state once `tokens` tokens are cached, ascending, adjacent
+        ones merged: the open stage's first tokens % stage rows of K and of V, the sink records of closed
+        sink stages, and the ring entries holding a stage. The slot's other bytes are not read before
+        they are written."""
+        closed, rows = divmod(tokens, self.stage)
+        top = self.record_bytes(self.stairs[0][0])
+        ranges = [(0, 2 * rows * self.width), (self.tail_bytes, 2 * rows * self.width)]
+        ranges.append((self.sink_offset, min(closed, self.sink) * top))
+        first_age = 0
+        for i, (bits, count) in enumerate(self.stairs[:-1]):
+            size = self.record_bytes(bits)
+            for age in range(first_age, first_age + count):  # logical stage closed - 1 - age, if any
+                if closed - 1 - age >= self.sink:
+                    ranges.append((self.ring_offset(i) + (closed - 1 - age) % count * size, size))
+            first_age += count
+        merged: list[tuple[int, int]] = []
+        for offset, size in sorted(r for r in ranges if r[1]):
+            if merged and sum(merged[-1]) == offset:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((offset, size))
+        return merged
+
+    def handoff_bytes(self, tokens: int) -> int:
+        """Bytes of one layer that hold a `tokens`-token cache: its bottom-stair records and the slot's
+        bytes in use (slot_ranges). What a prefill -> decode handoff moves."""
+        slot = sum(size for _, size in self.slot_ranges(tokens))
+        return len(self.bottom_stages(tokens)) * self.block_bytes + slot
