@@ -66,7 +66,8 @@ class Engine:
         self.pool = artifact.pool_tensors()  # one layer's KV tensors: what export/import move, by `per`
         num_slots = num_slots_for(self.pool, config.max_batch_size)
         layout = layout_for_pool(budget, block_size, self.pool, artifact.model.num_layers, num_slots)
-        self.allocator = KVBlockAllocator(layout)
+        paged = artifact.saq.bottom_stages if artifact.saq is not None else None  # SAQ: stages in blocks
+        self.allocator = KVBlockAllocator(layout, paged)
         self.scheduler = Scheduler(
             self.allocator,
             max_batch_size=config.max_batch_size,
@@ -117,9 +118,13 @@ class Engine:
         return request_id
 
     def kv_shapes(self, prompt_len: int) -> list[tuple[tuple[int, int], np.dtype]]:
-        """Shape and dtype of each array of one layer of a `prompt_len`-token prompt's exported KV."""
-        block_size = self.allocator.layout.block_size
-        return [((t.export_rows(prompt_len, block_size), t.width), np.dtype(t.dtype)) for t in self.pool]
+        """Shape and dtype of each array of one layer of a `prompt_len`-token prompt's exported KV: per
+        token [prompt_len, width]; per block [its paged stages, width]; per slot [1, the slot's bytes in
+        use] (see _prompt_index)."""
+        rows = {"token": prompt_len, "block": len(self.allocator.paged_blocks(prompt_len)), "slot": 1}
+        slot_width = len(self._slot_bytes(prompt_len))
+        widths = [slot_width if t.per == "slot" else t.width for t in self.pool]
+        return [((rows[t.per], width), np.dtype(t.dtype)) for t, width in zip(self.pool, widths)]
 
     def _check_imported(self, imported: ImportedKV, prompt_len: int) -> None:
         model = self.artifact.model
@@ -165,10 +170,10 @@ class Engine:
         return event
 
     def export_kv(self, request_id: str) -> list[tuple[np.ndarray, ...]]:
-        """A kept sequence's prompt KV in the artifact's KV format: per layer, the prompt's rows of each
-        pool tensor (kv_shapes): [prompt_len, width] per token (K and V; codes then scales for a
-        quantized format), the rows of its blocks for stages [0, ceil(prompt_len / block_size)) per
-        block and the one row of its slot per slot (SAQ)."""
+        """A kept sequence's prompt KV in the artifact's KV format: per layer, what holds the prompt in each
+        pool tensor (kv_shapes, _prompt_index): [prompt_len, width] per token (K and V; codes then scales
+        for a quantized format); SAQ: the records of the prompt's bottom-stair stages, and the bytes in use
+        of its slot as one row."""
         seq = self._parked.get(request_id)
         if seq is None:
             raise InvalidRequestError(
@@ -179,9 +184,9 @@ class Engine:
                 f"kv: request {request_id!r} went past its prompt; a {self.artifact.kv_format} cache holds "
                 "the prompt alone only right after it (keep it with max_tokens 1, as a prefill node does)"
             )
-        rows = self._prompt_rows(seq)
+        index = self._prompt_index(seq)
         pools = self._layer_pools()
-        return [tuple(flat[rows[t.per]] for t, flat in zip(self.pool, layer)) for layer in pools]
+        return [tuple(flat[index[t.per]] for t, flat in zip(self.pool, layer)) for layer in pools]
 
     def release_kv(self, request_id: str) -> bool:
         """Free a kept KV cache; False if there is none."""
@@ -197,26 +202,36 @@ class Engine:
         n = len(self.pool)
         return [pools[i : i + n] for i in range(0, len(pools), n)]
 
-    def _prompt_rows(self, seq: Sequence) -> dict[str, np.ndarray]:
-        """Rows of the sequence's prompt in each kind of pool tensor: per token, the flat rows
-        (block * block_size + offset) of its tokens; per block, its blocks of the prompt's stages; per
-        slot, its slot."""
+    def _prompt_index(self, seq: Sequence) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        """Where the sequence's prompt lives in each kind of pool tensor, as an index of its rows [-1, width]
+        (export_kv reads it, _import writes it): per token, the flat rows (block * block_size + offset) of
+        its tokens; per block, the blocks of its paged stages (SAQ: on the bottom stair); per slot, the
+        bytes of its slot's row in use (SAQ: SaqFormat.slot_ranges; the others are not read before they
+        are written, so they neither travel nor need to be cleared)."""
         block_size = self.allocator.layout.block_size
         positions = np.arange(seq.prompt_len)
         table = np.asarray(seq.block_table, np.int64)
+        paged = np.asarray(self.allocator.paged_blocks(seq.prompt_len), np.int64)
         return {
             "token": table[positions // block_size] * block_size + positions % block_size,
-            "block": table[: -(-seq.prompt_len // block_size)],
-            "slot": np.array([seq.slot]),
+            "block": table[paged],
+            "slot": np.ix_([seq.slot], self._slot_bytes(seq.prompt_len)),
         }
+
+    def _slot_bytes(self, num_tokens: int) -> np.ndarray:
+        """Byte columns of a slot's row in use once `num_tokens` tokens are cached (SAQ, the one format with
+        slots)."""
+        ranges = self.artifact.saq.slot_ranges(num_tokens) if self.artifact.saq is not None else []
+        columns = [np.arange(offset, offset + size) for offset, size in ranges]
+        return np.concatenate(columns) if columns else np.zeros(0, np.int64)
 
     def _import(self, seq: Sequence) -> TokenEvent:
         """Write an admitted sequence's imported KV into its blocks and slot; emit the token sampled
         upstream."""
-        rows = self._prompt_rows(seq)
+        index = self._prompt_index(seq)
         for pool, arrays in zip(self._layer_pools(), seq.imported.layers):
             for tensor, flat, array in zip(self.pool, pool, arrays):
-                flat[rows[tensor.per]] = array
+                flat[index[tensor.per]] = array
         first = seq.imported.first_token_id
         seq.imported = None
         return seq.append(first)

@@ -6,11 +6,16 @@ block and slot 0 the scratch slot: padding writes there and nothing reads them.
 
 A sequence gets every block it can need (prompt + max_tokens) when it is admitted, and its slot when
 the format has per-sequence tensors (SAQ), so a running sequence never waits for memory and nothing
-has to be preempted; `free` returns them all.
+has to be preempted; `free` returns them all. Its block table has a column per block of tokens (SAQ: per
+stage); a format may keep some of them out of the pool (`paged_blocks`: SAQ's stages that never leave
+the slot, its sinks and the stages still on the upper stairs at the sequence's final length,
+SaqFormat.bottom_stages). Those columns name the scratch block, and only the blocks really handed out
+are counted (bytes_in_use, can_allocate) and given back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,42 +73,71 @@ def layout_for_budget(
 
 
 class KVBlockAllocator:
-    """Free lists of blocks and slots, each sequence's block table and slot."""
+    """Free lists of blocks and slots, each sequence's block table and slot.
 
-    def __init__(self, layout: KVCacheLayout) -> None:
+    paged_blocks(num_tokens): the columns of a `num_tokens`-token sequence's table that hold data in the
+    pool (SAQ: SaqFormat.bottom_stages); by default all blocks_for(num_tokens) of them. It must grow with
+    num_tokens: a sequence gets the blocks of its final length at admission."""
+
+    MAX_TOKENS = 1 << 40  # capacity_tokens searches no further (a format that pages nothing fits any length)
+
+    def __init__(self, layout: KVCacheLayout, paged_blocks: Callable[[int], Sequence[int]] | None = None):
         self.layout = layout
+        self._paged = paged_blocks or (lambda num_tokens: range(self.blocks_for(num_tokens)))
         self._free = list(range(layout.num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
         self._tables: dict[str, list[int]] = {}
         self._free_slots = list(range(layout.num_slots - 1, SCRATCH_SLOT, -1))
         self._slots: dict[str, int] = {}
+        self.capacity_tokens = self._capacity()
 
     def blocks_for(self, num_tokens: int) -> int:
+        """Columns of the block table of a `num_tokens`-token sequence."""
         return -(-num_tokens // self.layout.block_size)
 
-    @property
-    def capacity_tokens(self) -> int:
-        """Tokens one sequence could hold if it had the whole pool."""
-        return (self.layout.num_blocks - 1) * self.layout.block_size
+    def paged_blocks(self, num_tokens: int) -> Sequence[int]:
+        """The columns that get a block of the pool; the others name the scratch block."""
+        return self._paged(num_tokens)
+
+    def _capacity(self) -> int:
+        """Tokens one sequence could hold if it had the whole pool (capacity_tokens): the longest length
+        whose paged blocks fit, by doubling then bisection (paged_blocks grows with the length)."""
+        usable = self.layout.num_blocks - 1
+        lo = usable * self.layout.block_size  # fits: never more paged blocks than columns
+        hi = 2 * lo + self.layout.block_size
+        while hi <= self.MAX_TOKENS and len(self._paged(hi)) <= usable:
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:  # lo fits, hi does not (or is past MAX_TOKENS)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if len(self._paged(mid)) <= usable else (lo, mid)
+        return min(lo, self.MAX_TOKENS)
+
+    def bytes_for(self, num_tokens: int) -> int:
+        """Bytes `allocate` takes for a `num_tokens`-token sequence: its paged blocks, and its slot."""
+        slot = self.layout.bytes_per_slot if self.layout.num_slots else 0
+        return len(self._paged(num_tokens)) * self.layout.bytes_per_block + slot
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether the blocks for `num_tokens` tokens (and a slot, if the format has slots) are free now."""
         slot_free = self.layout.num_slots == 0 or bool(self._free_slots)
-        return slot_free and self.blocks_for(num_tokens) <= len(self._free)
+        return slot_free and len(self._paged(num_tokens)) <= len(self._free)
 
     def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
-        """Give `seq_id` the blocks for `num_tokens` tokens (and a slot); raises if they are not free now."""
+        """Give `seq_id` the blocks for `num_tokens` tokens (and a slot); raises if they are not free now.
+        Returns its block table: blocks_for(num_tokens) columns, the scratch block where none is paged."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already holds KV blocks")
-        needed = self.blocks_for(num_tokens)
-        if needed > len(self._free):
+        paged = self._paged(num_tokens)
+        if len(paged) > len(self._free):
             raise ResourceExhaustedError(
-                f"KV cache full: {needed} blocks needed for {num_tokens} tokens, {len(self._free)} free"
+                f"KV cache full: {len(paged)} blocks needed for {num_tokens} tokens, {len(self._free)} free"
             )
         if self.layout.num_slots and not self._free_slots:
             raise ResourceExhaustedError(
                 f"KV cache full: all {self.layout.num_slots - 1} sequence slots are held"
             )
-        table = [self._free.pop() for _ in range(needed)]
+        table = [SCRATCH_BLOCK] * self.blocks_for(num_tokens)
+        for column in paged:
+            table[column] = self._free.pop()
         self._tables[seq_id] = table
         if self.layout.num_slots:
             self._slots[seq_id] = self._free_slots.pop()
@@ -111,7 +145,8 @@ class KVBlockAllocator:
 
     def free(self, seq_id: str) -> None:
         """Return the sequence's blocks and slot; freeing an unknown or already freed sequence is a no-op."""
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        table = self._tables.pop(seq_id, [])
+        self._free.extend(reversed([block for block in table if block != SCRATCH_BLOCK]))
         if seq_id in self._slots:
             self._free_slots.append(self._slots.pop(seq_id))
 
@@ -186,12 +221,6 @@ class PoolTensor:
         if self.per == "token":
             return (layout.num_blocks, layout.block_size, self.width)
         return (layout.num_blocks if self.per == "block" else layout.num_slots, self.width)
-
-    def export_rows(self, num_tokens: int, block_size: int) -> int:
-        """Rows of this tensor that hold one sequence's first `num_tokens` tokens (a KV export)."""
-        if self.per == "token":
-            return num_tokens
-        return -(-num_tokens // block_size) if self.per == "block" else 1
 
 
 FLOAT_FORMATS = {"fp32": np.float32, "fp16": np.float16}

@@ -9,9 +9,9 @@ Each step is either a prefill step or a decode step:
 
 Prefill steps come first when a prompt is pending, but a decode step runs between two prefill steps
 whenever sequences are decoding, so inter-token latency stays bounded while prompts arrive.
-A sequence gets all its KV blocks (prompt + max_tokens), and its KV slot when the format has
-per-sequence tensors, at admission and gives them back in `finish`, whatever the reason. A prompt
-waits while the blocks or a slot are not free.
+A sequence gets all its KV blocks (prompt + max_tokens; those its format pages, runtime/kv_cache.py),
+and its KV slot when the format has per-sequence tensors, at admission and gives them back in `finish`,
+whatever the reason. A prompt waits while the blocks or a slot are not free.
 """
 
 from __future__ import annotations

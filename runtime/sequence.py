@@ -30,8 +30,8 @@ class ImportedKV:
 
     layers[i] = one [rows, width] array per pool tensor of the artifact's KV format
     (runtime.kv_cache.pool_tensors: K, V, then their scales for a quantized format; SAQ's records and
-    slot): rows = the prompt's tokens for a per-token tensor, its blocks (stages) for a per-block one,
-    1 for a per-slot one (PoolTensor.export_rows).
+    slot), as Engine.kv_shapes gives them: [the prompt's tokens, width] for a per-token tensor; SAQ: [the
+    prompt's bottom-stair stages, record bytes] and [1, the slot's bytes in use].
     """
 
     first_token_id: int

@@ -1,8 +1,9 @@
 """The decode side of the KV handoff: pull a prefilled prompt's KV cache from a prefill node.
 
-Chunks arrive per layer, one pool tensor after another (K then V, ...; SAQ's records then slot), in
-the artifact's KV format and in the rows of services.common.messages.kv_wire_rows; they are checked
-against the handle and this node's model before anything is used.
+Chunks arrive per layer, one pool tensor after another (K then V, ...; SAQ's bottom-stair records, then
+the slot's bytes in use), in the artifact's KV format and in the rows of
+services.common.messages.kv_wire_rows; they are checked against the handle and this node's model
+(Engine.kv_shapes) before anything is used.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from runtime.config import RuntimeConfig
 from runtime.engine import Engine
 from runtime.errors import ArtifactError, InvalidRequestError, ResourceExhaustedError
 from runtime.kv_cache import (
+    SCRATCH_BLOCK,
+    SCRATCH_SLOT,
     KVBlockAllocator,
     KVCacheLayout,
     bytes_per_token,
@@ -66,7 +68,6 @@ def test_saq_pool_tensors_and_bytes():
     assert bytes_per_token("fp16", LAYERS, WIDTH, HEAD_DIM) == 256
     layout = KVCacheLayout(5, fmt.stage, 0, num_slots=3, bytes_per_slot=7, block_record_bytes=11)
     assert [t.shape(layout) for t in pool] == [(5, fmt.block_bytes), (3, fmt.slot_bytes)]
-    assert [t.export_rows(17, fmt.stage) for t in pool] == [3, 1]  # stages 0, 1 and the open one; the slot
     assert pool_tensors("fp16", WIDTH, HEAD_DIM)[0].shape(layout) == (5, fmt.stage, WIDTH)
     assert (
         num_slots_for(pool, max_batch_size=4) == 9
@@ -122,6 +123,32 @@ def test_allocator_hands_out_slots_with_blocks_and_takes_them_back():
     no_slots = KVBlockAllocator(KVCacheLayout(9, 4, 10))
     no_slots.allocate("x", 4)
     assert no_slots.slot("x") == 0 and no_slots.can_allocate(4)  # formats without slots: scratch, unused
+
+
+def test_allocator_pages_only_the_stages_that_reach_the_bottom_stair():
+    """SAQ: a table names a block of its own only for the stages on the bottom stair at the sequence's final
+    length (SaqFormat.bottom_stages); the others name the scratch block, which is neither counted, nor
+    given back, nor ever handed out."""
+    fmt = SaqFormat.parse("8:1,4:2,2;stage=8;v_group=16;sink=1", WIDTH)  # sink 0, then 3 stages in rings
+    allocator = KVBlockAllocator(_slot_layout(num_blocks=6), fmt.bottom_stages)  # 5 blocks, 3 slots
+    assert allocator.capacity_tokens == (5 + 1 + 3 + 1) * 8 - 1  # 9 closed stages: 0 sink, 1-5 bottom
+    assert KVBlockAllocator(_slot_layout(num_blocks=6)).capacity_tokens == 5 * 8  # every stage paged
+    table = allocator.allocate("a", 60)  # 7 closed: 1..3 at the bottom, 4..6 in the rings
+    assert len(table) == 8 and table[0] == 0 and table[4:] == [0] * 4 and sorted(table[1:4]) == [1, 2, 3]
+    assert allocator.bytes_in_use == 3 * 30 + 100 == allocator.bytes_for(60) and allocator.free_blocks == 2
+    assert allocator.can_allocate(48) and not allocator.can_allocate(56)  # 2 and 3 blocks
+    allocator.allocate("b", 48)
+    assert allocator.free_blocks == 0 and allocator.bytes_in_use == 5 * 30 + 2 * 100
+    allocator.allocate("c", 32)  # 4 closed: nothing at the bottom yet, a slot only
+    assert allocator.table("c") == [0] * 4 and allocator.bytes_in_use == 5 * 30 + 3 * 100
+    for name in "abc":
+        allocator.free(name)
+    assert (allocator.free_blocks, allocator.bytes_in_use) == (5, 0)
+    assert sorted(allocator.allocate("d", 79)[1:6]) == [1, 2, 3, 4, 5]  # all five, never the scratch block
+    one = KVBlockAllocator(
+        _slot_layout(), SaqFormat.parse("4;stage=8;v_group=16;sink=1", WIDTH).bottom_stages
+    )
+    assert one.allocate("x", 20) == [0, 1, 0]  # one stair: stage 1 goes straight to the bottom, 0 is a sink
 
 
 class _Tokenizer:
@@ -274,8 +301,9 @@ def test_engine_uses_the_stage_as_block_size_and_accounts_slots(saq_artifact, mo
     request = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5))
     engine.step()
     seq = engine._sequences[request]
-    assert seq.slot == 1 and len(seq.block_table) == 4  # 26 tokens: 4 stages of 8
-    assert engine.stats().kv_bytes_in_use == 4 * layout.bytes_per_block + layout.bytes_per_slot
+    # 26 tokens: 4 stages of 8, 3 closed; 1 and 2 stay on the upper stairs, only stage 0 gets a block
+    assert seq.slot == 1 and len(seq.block_table) == 4 and seq.block_table[1:] == [0, 0, 0]
+    assert engine.stats().kv_bytes_in_use == layout.bytes_per_block + layout.bytes_per_slot
     engine.abort(request)
     assert engine.stats().kv_bytes_in_use == 0 and engine.allocator.free_slots == 6
 
@@ -295,11 +323,21 @@ def test_batched_requests_equal_their_solo_runs(saq_artifact, monkeypatch):
     assert engine.stats().kv_bytes_in_use == 0 and engine.allocator.free_slots == 6
 
 
+def _scribble_unheld(engine: Engine, held: list[str], value: int = 0xFF) -> None:
+    """Every block and slot row the sequences `held` do not hold (the scratch block and slot too) set to
+    `value`: bytes a receiving sequence must never read before it writes them."""
+    blocks = {b for r in held for b in engine._sequences[r].block_table} - {SCRATCH_BLOCK}
+    slots = {engine._sequences[r].slot for r in held} - {SCRATCH_SLOT}
+    for pool, tensor in zip(engine.backend.cache_arrays(), engine.pool * LAYERS):
+        mine = slots if tensor.per == "slot" else blocks
+        pool[[i for i in range(len(pool)) if i not in mine]] = value
+
+
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1], PROMPTS[3]], ids=["21", "8", "30"])
 def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
-    """Prefill on one engine, export (records of the prompt's stages, its slot), import on another whose
-    blocks and slot ids differ: the same tokens as one engine alone, and the imported bytes land in the
-    receiving sequence's blocks and slot."""
+    """Prefill on one engine, export (records of the prompt's bottom-stair stages, its slot's bytes in use),
+    import on another whose blocks and slot ids differ and whose every other byte is garbage: the same
+    tokens as one engine alone, and the imported bytes land in the receiving sequence's blocks and slot."""
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     decode = spec_engine(saq_artifact, monkeypatch)
     expected = _solo(decode, prompt, params)
@@ -307,15 +345,18 @@ def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
     first = list(prefill.generate_kept(prompt, dataclasses.replace(params, max_tokens=1)))
     assert [e.token_id for e in first] == expected[:1]
     kv = prefill.export_kv(first[0].request_id)
-    stages = -(-len(prompt) // 8)
-    layout = prefill.allocator.layout
+    fmt = prefill.artifact.saq
+    bottom = fmt.bottom_stages(len(prompt))
+    slot_bytes = sum(size for _, size in fmt.slot_ranges(len(prompt)))
     assert [[a.shape for a in layer] for layer in kv] == [
-        [(stages, layout.bytes_per_block // LAYERS), (1, layout.bytes_per_slot // LAYERS)]
+        [(len(bottom), fmt.block_bytes), (1, slot_bytes)]
     ] * LAYERS
+    assert all(sum(a.nbytes for a in layer) == fmt.handoff_bytes(len(prompt)) for layer in kv)
     assert all(a.any() for layer in kv for a in layer[1:])  # the slot holds the open stage at least
     assert prefill.release_kv(first[0].request_id) and prefill.stats().kv_bytes_in_use == 0
     squatter = decode.add_request(PROMPTS[2], SamplingParams(max_tokens=60))  # takes slot 1 and low blocks
     decode.step()
+    _scribble_unheld(decode, [squatter])
     request = decode.add_request(prompt, params, imported=ImportedKV(first[0].token_id, kv))
     run, seen = decode.backend.run, []
     decode.backend.run = lambda batch: (
@@ -325,9 +366,13 @@ def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
     seq = decode._sequences[request]
     assert seq.slot != 1 and seq.block_table[0] != decode._sequences[squatter].block_table[0]
     pools = seen[0]  # as the import left them, before the step wrote
+    columns = np.concatenate([np.arange(o, o + n) for o, n in fmt.slot_ranges(len(prompt))])
     for layer, arrays in enumerate(kv):
-        assert np.array_equal(pools[2 * layer][seq.block_table[:stages]], arrays[0])
-        assert np.array_equal(pools[2 * layer + 1][[seq.slot]], arrays[1])
+        assert np.array_equal(pools[2 * layer][np.array(seq.block_table)[list(bottom)]], arrays[0])
+        assert np.array_equal(pools[2 * layer + 1][seq.slot, columns], arrays[1][0])
+        unused = np.ones(fmt.slot_bytes, bool)
+        unused[columns] = False
+        assert (pools[2 * layer + 1][seq.slot, unused] == 0xFF).all()  # garbage the import left alone
     decode.abort(squatter)
     while decode.has_work():
         got += [e.token_id for e in decode.step() if e.request_id == request]
@@ -336,14 +381,16 @@ def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
 
 def test_import_shapes_are_checked_and_export_needs_the_bare_prompt(saq_artifact, monkeypatch):
     engine = spec_engine(saq_artifact, monkeypatch)
-    prompt = PROMPTS[0]
+    prompt = PROMPTS[3]  # 30 tokens: stage 0 on the bottom stair, 1 and 2 on the rings, 6 rows open
     first = list(engine.generate_kept(prompt, SamplingParams(max_tokens=1)))
     kv = engine.export_kv(first[0].request_id)
     engine.release_kv(first[0].request_id)
+    fmt = engine.artifact.saq
     assert engine.kv_shapes(len(prompt)) == [
-        ((3, kv[0][0].shape[1]), np.uint8),
-        ((1, kv[0][1].shape[1]), np.uint8),
+        ((1, fmt.block_bytes), np.uint8),
+        ((1, 2 * 2 * 6 * WIDTH + fmt.record_bytes(8) + fmt.record_bytes(4)), np.uint8),
     ]
+    assert [(a.shape, a.dtype) for a in kv[0]] == engine.kv_shapes(len(prompt))
     cases = {
         "one stage short": [(records[:-1], slot) for records, slot in kv],
         "two slots": [(records, np.concatenate([slot, slot])) for records, slot in kv],
@@ -351,10 +398,10 @@ def test_import_shapes_are_checked_and_export_needs_the_bare_prompt(saq_artifact
     }
     for layers in cases.values():
         with pytest.raises(
-            InvalidRequestError, match=r"expected \['\(3, \d+\) uint8', '\(1, \d+\) uint8'\] \(saq 8:1"
+            InvalidRequestError, match=r"expected \['\(1, \d+\) uint8', '\(1, \d+\) uint8'\] \(saq 8:1"
         ):
             engine.add_request(prompt, SamplingParams(), imported=ImportedKV(1, layers))
-    with pytest.raises(InvalidRequestError, match=r"expected \['\(4, "):  # a longer prompt needs 4 stages
+    with pytest.raises(InvalidRequestError, match=r"expected \['\(2, "):  # 35 tokens: 2 stages at the bottom
         engine.add_request(prompt + [1] * 5, SamplingParams(), imported=ImportedKV(1, kv))
     assert engine.allocator.num_sequences == 0 and engine.stats().kv_bytes_in_use == 0
     kept = list(engine.generate_kept(prompt, SamplingParams(max_tokens=3, ignore_eos=True)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kernels.kv_formats import SaqFormat
 from runtime.errors import InvalidRequestError
 from runtime.kv_cache import pool_tensors
 from services.common.messages import kv_wire_rows
@@ -77,18 +78,20 @@ def test_malformed_chunks_are_refused():
 
 
 def test_saq_records_and_slot_travel_in_chunks_within_the_limit():
-    """SAQ's per-block records and per-slot row are opaque bytes, one row larger than the smallest chunk
-    limit (4 KiB): they travel as byte rows, every message within the limit, and come back byte for byte."""
+    """SAQ's per-block records and the slot's bytes in use (one row) are opaque bytes, a row larger than the
+    smallest chunk limit (4 KiB): they travel as byte rows, every message within the limit, and come back
+    byte for byte."""
     saq = "8:1,4:4,2;stage=64;v_group=32"
+    fmt = SaqFormat.parse(saq, WIDTH)
     pool = pool_tensors("saq", WIDTH, HEAD_DIM, saq)
-    stages = -(-TOKENS // 64)
-    rows = [t.export_rows(TOKENS, 64) for t in pool]
-    assert rows == [stages, 1] and min(t.row_bytes for t in pool) > 4096
-    rng = np.random.default_rng(1)
-    exported = [
-        tuple(rng.integers(0, 256, (n, t.width), dtype=np.uint8) for n, t in zip(rows, pool))
-        for _ in range(LAYERS)
+    tokens = 7 * 64 + TOKENS  # stages 0 and 1 at the bottom, 2..6 in the rings, 37 tokens open
+    shapes = [
+        (len(fmt.bottom_stages(tokens)), fmt.block_bytes),
+        (1, fmt.handoff_bytes(tokens) - 2 * fmt.block_bytes),
     ]
+    assert shapes[0][0] == 2 and min(width for _, width in shapes) > 4096
+    rng = np.random.default_rng(1)
+    exported = [tuple(rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes) for _ in range(LAYERS)]
     max_bytes = 4096
     messages = [
         chunk
@@ -97,8 +100,8 @@ def test_saq_records_and_slot_travel_in_chunks_within_the_limit():
         for chunk in _chunks(layer, part, kv_wire_rows(array, t.per), max_bytes)
     ]
     assert max(len(m.data) for m in messages) == max_bytes
-    assert sum(len(m.data) for m in messages) == LAYERS * sum(n * t.row_bytes for n, t in zip(rows, pool))
-    layers = [tuple(np.empty((n, t.width), t.dtype) for n, t in zip(rows, pool)) for _ in range(LAYERS)]
+    assert sum(len(m.data) for m in messages) == LAYERS * fmt.handoff_bytes(tokens)
+    layers = [tuple(np.empty(shape, np.uint8) for shape in shapes) for _ in range(LAYERS)]
     wire = [tuple(kv_wire_rows(a, t.per) for a, t in zip(layer, pool)) for layer in layers]
     filled = np.zeros((LAYERS, len(pool)), np.int64)
     for message in reversed(messages):
@@ -107,8 +110,6 @@ def test_saq_records_and_slot_travel_in_chunks_within_the_limit():
     for got, want in zip(layers, exported):
         for g, w in zip(got, want):
             assert np.array_equal(g, w)
-    short = type(messages[0])(
-        layer=0, part=1, token_start=rows[1] * pool[1].width - 10, token_count=20, data=bytes(20)
-    )
+    short = type(messages[0])(layer=0, part=1, token_start=shapes[1][1] - 10, token_count=20, data=bytes(20))
     with pytest.raises(InvalidRequestError, match="malformed"):
         _place(short, wire, filled)  # past the end of the slot row

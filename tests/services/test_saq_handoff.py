@@ -23,7 +23,7 @@ from services.decode.servicer import DecodeServicer
 from services.prefill.servicer import PrefillServicer
 from tests.saq_toy import LAYERS, saq_kv_cache, spec_engine, write_artifact
 
-SAQ = "8:2,4:1,2;stage=16;v_group=16"  # a slot row (5376 bytes) is larger than the 4 KiB chunk limit
+SAQ = "8:2,4:1,2;stage=16;v_group=16"  # the slot's bytes in use (4736 of 5376) exceed the 4 KiB chunk limit
 CHUNK_BYTES = 4096
 PROMPT = [(5 * i + 1) % 64 for i in range(75)]  # 4 closed stages: the oldest is on the paged bottom stair
 
@@ -73,7 +73,10 @@ def test_saq_kv_crosses_the_wire_and_decoding_continues_exactly(artifact, monkey
         (layer, part) for layer in range(LAYERS) for part in (0, 1)
     }
     shapes = decode.kv_shapes(len(PROMPT))
+    fmt = decode.artifact.saq
+    assert shapes == [((1, fmt.block_bytes), np.uint8), ((1, 4736), np.uint8)]  # 11 open rows, 3 ring records
     assert sum(len(c.data) for c in chunks) == LAYERS * sum(rows * width for (rows, width), _ in shapes)
+    assert sum(len(c.data) for c in chunks) == LAYERS * fmt.handoff_bytes(len(PROMPT))
     assert [[(a.shape, a.dtype) for a in layer] for layer in imported.layers] == [shapes] * LAYERS
     assert all(layer[0][0].any() for layer in imported.layers)  # stage 0's record left the slot's rings
     request = decode.add_request(PROMPT, params, imported=imported)
@@ -104,7 +107,7 @@ def test_a_node_with_another_staircase_refuses_the_handle(artifact, tmp_path, mo
 
 def test_decode_stats_count_the_held_blocks_and_slot(artifact, monkeypatch):
     engine = spec_engine(artifact, monkeypatch)
-    list(engine.generate_kept(PROMPT, SamplingParams(max_tokens=1)))  # kept: 76 tokens = 5 blocks, 1 slot
+    list(engine.generate_kept(PROMPT, SamplingParams(max_tokens=1)))  # kept: 76 tokens = 1 block, 1 slot
 
     async def stats():
         worker = EngineWorker(engine)
@@ -120,8 +123,10 @@ def test_decode_stats_count_the_held_blocks_and_slot(artifact, monkeypatch):
     fmt, layout = engine.artifact.saq, engine.allocator.layout
     assert stats.kv_format == "saq" and stats.kept_kv_sequences == 1
     assert stats.kv_bytes_per_token == -(-LAYERS * fmt.block_bytes // fmt.stage)
-    assert dict(stats.kv_bytes_in_use_by_format) == {"saq": LAYERS * (5 * fmt.block_bytes + fmt.slot_bytes)}
-    assert stats.kv_tokens_capacity == (layout.num_blocks - 1) * fmt.stage
+    # of its 5 stages, 1..3 are on the upper stairs and 4 is open at 76 tokens: stage 0 alone has a block
+    assert dict(stats.kv_bytes_in_use_by_format) == {"saq": LAYERS * (fmt.block_bytes + fmt.slot_bytes)}
+    # a sequence alone: every block at the bottom, 3 stages on the upper stairs, 15 tokens open
+    assert stats.kv_tokens_capacity == (layout.num_blocks - 1 + 3 + 1) * fmt.stage - 1
     assert (
         stats.kv_bytes_in_use + stats.kv_bytes_free
         == (layout.num_blocks - 1) * layout.bytes_per_block + (layout.num_slots - 1) * layout.bytes_per_slot
