@@ -3,10 +3,11 @@
 One library, two ops: ``FlashAttention`` (``kernels/csrc/fastattention_cpu.cc``; contract
 ``kernels.reference.paged_attention_ref``, and ``kernels.kv_quant`` for int8/int4 pools) and
 ``FlashAttentionSaq`` (``kernels/csrc/saq_cpu.cc``; contract ``kernels.kv_saq.paged_attention_saq_ref``).
-Both include ``kernels/csrc/fastattention_cpu.h`` (numerics, micro-kernels, thread pool glue). It is an
-ONNX Runtime custom-op library for the CPU execution provider. Once ``register(session_options)`` has
-added it, the FlashAttention nodes of a model run natively instead of through their ONNX function body,
-and FlashAttentionSaq nodes (which have no body) can run at all.
+Both include ``kernels/csrc/fastattention_cpu.h`` (numerics, micro-kernels, thread pool and ORT glue); the SAQ
+op also includes ``kernels/csrc/saq_format.h`` (its byte layout and quantization). It is an ONNX Runtime
+custom-op library for the CPU execution provider. Once ``register(session_options)`` has added it, the
+FlashAttention nodes of a model run natively instead of through their ONNX function body, and
+FlashAttentionSaq nodes (which have no body) can run at all.
 
 Build it once per machine::
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).resolve().parent
 SOURCES = [KERNELS_DIR / "csrc" / "fastattention_cpu.cc", KERNELS_DIR / "csrc" / "saq_cpu.cc"]
-HEADERS = [KERNELS_DIR / "csrc" / "fastattention_cpu.h"]
+HEADERS = [KERNELS_DIR / "csrc" / "fastattention_cpu.h", KERNELS_DIR / "csrc" / "saq_format.h"]
 BUILD_DIR = KERNELS_DIR / "build"
 HEADERS_DIR = BUILD_DIR / "ort-headers"
 LIBRARY = BUILD_DIR / "libfastattention_cpu.so"

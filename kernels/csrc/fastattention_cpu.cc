@@ -813,22 +813,16 @@ std::string check_io_counts(size_t inputs, size_t outputs) {
 
 // ------------------------------------------------------------------------------------------------ ORT glue
 
-OrtStatusPtr error_status(OrtErrorCode code, const std::string& what) {
-  return Ort::Status(("FlashAttention: " + what).c_str(), code).release();
-}
+constexpr char kOpName[] = "FlashAttention";
+
+OrtStatusPtr error_status(OrtErrorCode code, const std::string& what) { return op_error(kOpName, code, what); }
 
 template <typename T, typename C>
 struct FlashAttentionKernel {
   Attributes attrs;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) const noexcept {
-    try {
-      return Compute(raw_context);
-    } catch (const Ort::Exception& e) {
-      return error_status(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return error_status(ORT_RUNTIME_EXCEPTION, e.what());
-    }
+    return compute_status(kOpName, [&] { return Compute(raw_context); });
   }
 
   OrtStatusPtr Compute(OrtKernelContext* raw_context) const {
@@ -877,34 +871,23 @@ struct FlashAttentionKernel {
 template <typename T, typename C>
 struct FlashAttentionOp : Ort::CustomOpBase<FlashAttentionOp<T, C>, FlashAttentionKernel<T, C>, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const noexcept {
-    try {
+    const char* required = "num_heads, num_kv_heads, scale, causal, sliding_window, kv_format";
+    return create_status(kOpName, required, [&]() -> OrtStatusPtr {
       Ort::ConstKernelInfo ki(info);
-      Attributes a;
-      a.num_heads = ki.GetAttribute<int64_t>("num_heads");
-      a.num_kv_heads = ki.GetAttribute<int64_t>("num_kv_heads");
-      a.scale = ki.GetAttribute<float>("scale");
-      a.causal = ki.GetAttribute<int64_t>("causal");
-      a.sliding_window = ki.GetAttribute<int64_t>("sliding_window");
-      a.kv_format = ki.GetAttribute<std::string>("kv_format");
+      const Attributes a = read_attributes(ki);
       if (std::string err = check_attributes<C>(a); !err.empty()) return error_status(ORT_INVALID_ARGUMENT, err);
       if (std::string err = check_io_counts<C>(ki.GetInputCount(), ki.GetOutputCount()); !err.empty())
         return error_status(ORT_INVALID_ARGUMENT, err);
       *kernel = new FlashAttentionKernel<T, C>{a};
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return error_status(ORT_INVALID_ARGUMENT,
-                          message(e.what(), " (attributes: num_heads, num_kv_heads, scale, causal, sliding_window, "
-                                            "kv_format are all required)"));
-    } catch (const std::exception& e) {
-      return error_status(ORT_RUNTIME_EXCEPTION, e.what());
-    }
+    });
   }
 
   // ORT requires every op of one name to declare the same inputs and outputs (else no session of the domain
   // loads, checked with 1.30 and 1.32): all variants declare the quantized node's 12 inputs and 5 outputs, the
   // last 3 inputs and 2 outputs optional. ORT then picks the variant by the types of the inputs present, and
   // CreateKernelV2 checks that a variant got the counts it needs (check_io_counts).
-  const char* GetName() const { return "FlashAttention"; }
+  const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return kQuantInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {

@@ -3,8 +3,8 @@
 //
 // The header reads top to bottom: numerics (fp16 storage, exp) -> SIMD micro-kernels (GCC/Clang vector types;
 // see fastattention_cpu.cc for how they are used and tuned) -> running work items on ORT's thread pool ->
-// validation helpers of the ORT glue. Everything lives in namespace fastattention and is inline: each kernel
-// file includes it once and keeps its own per-thread scratch.
+// validation helpers -> the ORT glue (attributes, errors as statuses). Everything lives in namespace
+// fastattention and is inline: each kernel file includes it once and keeps its own per-thread scratch.
 #pragma once
 
 #define ORT_API_MANUAL_INIT
@@ -480,6 +480,50 @@ P* pool_output(Ort::KernelContext& context, size_t out, size_t in, const Shapes&
   const P* source = context.GetInput(in).GetTensorData<P>();
   if (pool != source) std::memcpy(pool, source, bytes);
   return pool;
+}
+
+// ------------------------------------------------------------------------------------------------ ORT glue
+
+// The attributes every attention op of the domain has, read from a node; throws Ort::Exception if one is missing.
+inline Attributes read_attributes(const Ort::ConstKernelInfo& info) {
+  Attributes a;
+  a.num_heads = info.GetAttribute<int64_t>("num_heads");
+  a.num_kv_heads = info.GetAttribute<int64_t>("num_kv_heads");
+  a.scale = info.GetAttribute<float>("scale");
+  a.causal = info.GetAttribute<int64_t>("causal");
+  a.sliding_window = info.GetAttribute<int64_t>("sliding_window");
+  a.kv_format = info.GetAttribute<std::string>("kv_format");
+  return a;
+}
+
+// An error of op `op` (its name: "FlashAttention", "FlashAttentionSaq") as an ORT status: "<op>: <what>".
+inline OrtStatusPtr op_error(const char* op, OrtErrorCode code, const std::string& what) {
+  return Ort::Status((std::string(op) + ": " + what).c_str(), code).release();
+}
+
+// A kernel's ComputeV2: the status compute() returns, or its exception as an error of `op`.
+template <typename Compute>
+OrtStatusPtr compute_status(const char* op, const Compute& compute) noexcept {
+  try {
+    return compute();
+  } catch (const Ort::Exception& e) {
+    return op_error(op, e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return op_error(op, ORT_RUNTIME_EXCEPTION, e.what());
+  }
+}
+
+// An op's CreateKernelV2: the status create() returns, or its exception as an error of `op`. An Ort::Exception
+// is a missing attribute: INVALID_ARGUMENT, naming the op's `required` attributes.
+template <typename Create>
+OrtStatusPtr create_status(const char* op, const char* required, const Create& create) noexcept {
+  try {
+    return create();
+  } catch (const Ort::Exception& e) {
+    return op_error(op, ORT_INVALID_ARGUMENT, message(e.what(), " (attributes: ", required, " are all required)"));
+  } catch (const std::exception& e) {
+    return op_error(op, ORT_RUNTIME_EXCEPTION, e.what());
+  }
 }
 
 // The FlashAttentionSaq op (saq_cpu.cc): RegisterCustomOps (fastattention_cpu.cc) adds it to the domain.
