@@ -73,9 +73,10 @@ def chunk_logits(engine: Engine, ids: list[int], chunk: int):
 
 
 def kv_bytes_at(engine: Engine, tokens: int) -> dict[str, int]:
-    """KV bytes of one sequence of `tokens` tokens: `allocated` by the runtime (its blocks, plus its slot
-    for a format with slots), and `held`: what the format keeps (an SAQ sequence's blocks of stages that
-    still sit in the slot's rings or sinks hold nothing yet)."""
+    """KV bytes of one sequence of `tokens` tokens: `allocated` by the runtime (its paged blocks, plus its
+    slot for a format with slots: runtime/kv_cache.py), and `held`: what the format keeps (an SAQ sequence:
+    its slot and the records of the closed stages past the sinks and the upper stairs' rings). For SAQ the
+    two are equal: a stage gets a block only if it reaches the bottom stair."""
     artifact = engine.artifact
     saq = getattr(artifact, "saq", None)
     if saq is None:
@@ -84,9 +85,8 @@ def kv_bytes_at(engine: Engine, tokens: int) -> dict[str, int]:
     layers = artifact.model.num_layers
     closed = tokens // saq.stage
     in_slot = min(closed, saq.sink + sum(c for _, c in saq.stairs[:-1]))
-    blocks = -(-tokens // saq.stage)
     return {
-        "allocated": layers * (saq.slot_bytes + blocks * saq.block_bytes),
+        "allocated": engine.allocator.bytes_for(tokens),
         "held": layers * (saq.slot_bytes + (closed - in_slot) * saq.block_bytes),
     }
 

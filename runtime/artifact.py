@@ -95,6 +95,14 @@ class Artifact:
 
         return pool_bytes_per_token(self.pool_tensors(), self.model.num_layers, self.block_size or 1)
 
+    def kv_handoff_bytes(self, tokens: int) -> int:
+        """Bytes a prefill -> decode handoff of a `tokens`-token prompt moves, over all layers (what
+        Engine.export_kv returns): tokens * kv_bytes_per_token for a per-token format; SAQ: the records of
+        its bottom-stair stages and its slot's bytes in use (SaqFormat.handoff_bytes), not linear."""
+        if self.saq is not None:
+            return self.model.num_layers * self.saq.handoff_bytes(tokens)
+        return tokens * self.kv_bytes_per_token
+
     @property
     def block_size(self) -> int | None:
         """Tokens per KV block when the format fixes it (SAQ: a block holds one stage), else None."""

@@ -60,7 +60,7 @@ class GatewayConfig(ServerConfig):
     link_rtt_ms: float = 1.0  # auto: that link's round-trip time
     local_prefill_tokens_per_s: float = 800.0  # auto: prompt tokens/s of a decode node prefilling itself
     remote_prefill_tokens_per_s: float = 800.0  # auto: prompt tokens/s of a prefill node
-    kv_bytes_per_token: int = 0  # auto: KV bytes per prompt token on the wire; 0 = the artifact's
+    kv_bytes_per_token: int = 0  # auto: KV bytes per prompt token on the wire; 0 = the artifact's handoff
     split_overhead_ms: float = 5.0  # auto: fixed cost of the split path (two more calls, KV import)
 
     def __post_init__(self) -> None:

@@ -25,20 +25,27 @@ async def serve(args) -> None:
 
 
 def _split_policy(node, config) -> SplitPolicy:
-    """The auto policy needs the KV bytes per token: configured, or read from the artifact's manifest."""
+    """The auto policy needs the KV cost of a handoff: configured per token, or the artifact's
+    (Artifact.kv_handoff_bytes, searched up to the model's context for the break-even)."""
     if not config.prefill:
         return SplitPolicy(mode="never")  # co-located: decode runs every prompt
-    kv_bytes = 0
+    artifact = None
     if config.split_policy == "auto" and not config.kv_bytes_per_token:
         try:
-            kv_bytes = load_artifact(node.artifact, verify=False).kv_bytes_per_token
+            artifact = load_artifact(node.artifact, verify=False)
         except ArtifactError as e:
             raise ConfigError(
                 f"gateway.kv_bytes_per_token: 0 and the artifact cannot be read ({e}); "
                 "set it, or give the gateway the artifact"
             ) from e
     try:
-        return SplitPolicy.from_config(config, kv_bytes)
+        if artifact is None:
+            return SplitPolicy.from_config(config)
+        return SplitPolicy.from_config(
+            config,
+            kv_handoff_bytes=artifact.kv_handoff_bytes,
+            max_prompt_tokens=artifact.model.max_position_embeddings,
+        )
     except ValueError as e:
         raise ConfigError(f"gateway.{e}") from e
 

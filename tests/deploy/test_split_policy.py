@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kernels.kv_formats import SAQ_DEFAULT, SaqFormat
 from runtime.errors import ConfigError
 from services.common.config import GatewayConfig
 from services.gateway.split_policy import SplitPolicy
@@ -58,3 +59,41 @@ def test_gateway_config_checks_the_policy_fields():
         GatewayConfig(link_bandwidth_mbps=0)
     with pytest.raises(ValueError, match="kv_bytes_per_token"):
         SplitPolicy.from_config(GatewayConfig(split_policy="auto"), kv_bytes_per_token=0)
+
+
+SMOLLM2_SAQ = SaqFormat.parse(SAQ_DEFAULT, 3 * 64)  # the default staircase over SmolLM2-135M's KV width
+
+
+def saq_handoff_bytes(n: int) -> int:
+    return 30 * SMOLLM2_SAQ.handoff_bytes(n)  # what an SAQ handoff moves (Artifact.kv_handoff_bytes)
+
+
+def test_a_non_linear_kv_cost_is_searched():
+    """SAQ's handoff is not linear in n (the open stage travels in fp16, closed stages as records that
+    shrink as they age): on a slow link the split prompts are not one range, and the break-even is the
+    shortest one that splits, found by search."""
+    p = policy(kv_bytes_per_token=0, kv_handoff_bytes=saq_handoff_bytes, link_bandwidth_mbps=100.0,
+               max_prompt_tokens=2048)  # fmt: skip
+    assert p.estimate(200).kv_bytes == saq_handoff_bytes(200) == 30 * (2 * 2 * 72 * 192 + 51456)
+    splits = [n for n in range(1, 2049) if p.should_split(n)]
+    n = p.break_even_tokens()
+    assert n == splits[0] and 128 < n < 2048
+    assert any(not p.should_split(m) for m in range(n, 2049))  # an open stage nearly full costs more
+    linear = policy(kv_bytes_per_token=-(-30 * SMOLLM2_SAQ.block_bytes // 128), link_bandwidth_mbps=100.0)
+    assert linear.break_even_tokens() < n  # the old per-token figure left the slot out
+    assert policy(kv_bytes_per_token=0, kv_handoff_bytes=saq_handoff_bytes, local_prefill_tokens_per_s=800.0
+                  ).break_even_tokens() is None  # fmt: skip
+    slow = policy(kv_bytes_per_token=0, kv_handoff_bytes=saq_handoff_bytes, link_bandwidth_mbps=5.0,
+                  max_prompt_tokens=1024)  # fmt: skip
+    assert slow.break_even_tokens() is None and not any(slow.should_split(m) for m in (1, 100, 1000))
+
+
+def test_from_config_prefers_the_configured_linear_cost():
+    auto = GatewayConfig(split_policy="auto")
+    p = SplitPolicy.from_config(auto, kv_handoff_bytes=saq_handoff_bytes)
+    assert p.kv_bytes_per_token == 0 and p.estimate(1000).kv_bytes == saq_handoff_bytes(1000)
+    manual = SplitPolicy.from_config(
+        GatewayConfig(split_policy="auto", kv_bytes_per_token=FP16_KV), kv_handoff_bytes=saq_handoff_bytes
+    )
+    assert manual.kv_handoff_bytes is None and manual.estimate(1000).kv_bytes == 1000 * FP16_KV
+    assert SplitPolicy.from_config(auto, FP16_KV).estimate(10).kv_bytes == 10 * FP16_KV

@@ -151,6 +151,24 @@ def test_allocator_pages_only_the_stages_that_reach_the_bottom_stair():
     assert one.allocate("x", 20) == [0, 1, 0]  # one stair: stage 1 goes straight to the bottom, 0 is a sink
 
 
+def test_benchmark_kv_bytes_allocated_equal_held(tmp_path, monkeypatch):
+    """benchmarks/kv_accuracy.kv_bytes_at: what the allocator takes for an SAQ sequence is what the format
+    holds at that length (sinks, rings, the bottom stair), and what it charges a sequence it admits."""
+    from benchmarks.kv_accuracy import kv_bytes_at
+
+    path = write_artifact(tmp_path / "sunk", saq_kv_cache("8:1,4:2,2;stage=8;v_group=16;sink=1"))
+    engine = spec_engine(path, monkeypatch)
+    for tokens in (1, 8, 31, 32, 40, 41, 100):
+        sizes = kv_bytes_at(engine, tokens)
+        assert sizes["allocated"] == sizes["held"], tokens
+        engine.allocator.allocate("probe", tokens)
+        assert engine.allocator.bytes_in_use == sizes["allocated"]
+        engine.allocator.free("probe")
+    fmt, layout = engine.artifact.saq, engine.allocator.layout
+    assert kv_bytes_at(engine, 100)["held"] == LAYERS * (fmt.slot_bytes + 8 * fmt.block_bytes)  # 12 closed
+    assert layout.bytes_per_block == LAYERS * fmt.block_bytes
+
+
 class _Tokenizer:
     eos_token_ids = []
 
@@ -352,6 +370,7 @@ def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
         [(len(bottom), fmt.block_bytes), (1, slot_bytes)]
     ] * LAYERS
     assert all(sum(a.nbytes for a in layer) == fmt.handoff_bytes(len(prompt)) for layer in kv)
+    assert sum(a.nbytes for layer in kv for a in layer) == prefill.artifact.kv_handoff_bytes(len(prompt))
     assert all(a.any() for layer in kv for a in layer[1:])  # the slot holds the open stage at least
     assert prefill.release_kv(first[0].request_id) and prefill.stats().kv_bytes_in_use == 0
     squatter = decode.add_request(PROMPTS[2], SamplingParams(max_tokens=60))  # takes slot 1 and low blocks
@@ -418,4 +437,5 @@ def test_fp32_kv_wire_shapes_are_unchanged(tmp_path, monkeypatch):
     assert engine.allocator.layout.num_slots == 0 and engine.artifact.kv_spec == "fp32"
     assert engine.kv_shapes(13) == [((13, WIDTH), np.float32)] * 2
     assert engine.artifact.kv_bytes_per_token == 2 * LAYERS * WIDTH * 4
+    assert engine.artifact.kv_handoff_bytes(13) == 13 * engine.artifact.kv_bytes_per_token
     assert json.loads((path / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"

@@ -6,17 +6,20 @@ blocks and slots held."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
 
 from protos.edge.v1 import decode_pb2, prefill_pb2, prefill_pb2_grpc
+from runtime.artifact import load_artifact
 from runtime.errors import InvalidRequestError
 from runtime.sampling import SamplingParams
 from runtime.sequence import ImportedKV
 from runtime.worker import EngineWorker
-from services.common.config import PrefillConfig
+from services.common.config import GatewayConfig, PrefillConfig
 from services.common.messages import sampling_to_pb
 from services.decode.kv_transfer import KvPuller
 from services.decode.servicer import DecodeServicer
@@ -131,3 +134,21 @@ def test_decode_stats_count_the_held_blocks_and_slot(artifact, monkeypatch):
         stats.kv_bytes_in_use + stats.kv_bytes_free
         == (layout.num_blocks - 1) * layout.bytes_per_block + (layout.num_slots - 1) * layout.bytes_per_slot
     )
+
+
+def test_the_gateway_costs_a_split_with_the_artifacts_handoff_bytes(artifact):
+    """split_policy auto without kv_bytes_per_token: the cost model takes the artifact's handoff bytes (not
+    linear for SAQ) and searches up to the model's context; a configured kv_bytes_per_token stays linear."""
+    from services.gateway.__main__ import _split_policy
+
+    node = SimpleNamespace(artifact=str(artifact))
+    config = GatewayConfig(split_policy="auto", prefill=("127.0.0.1:1",))
+    policy = _split_policy(node, config)
+    saq = load_artifact(artifact, verify=False)
+    assert policy.max_prompt_tokens == saq.model.max_position_embeddings
+    assert [policy.estimate(n).kv_bytes for n in (5, 75, 200)] == [
+        saq.kv_handoff_bytes(n) for n in (5, 75, 200)
+    ]
+    assert saq.kv_handoff_bytes(75) == LAYERS * saq.saq.handoff_bytes(75) != 75 * saq.kv_bytes_per_token
+    manual = _split_policy(node, dataclasses.replace(config, kv_bytes_per_token=100))
+    assert manual.estimate(75).kv_bytes == 7500
