@@ -133,7 +133,7 @@ def test_kv_handoff_between_backends(engines):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     expected = [e.token_id for e in theirs.generate(ids, params)]
     assert [e.token_id for e in ours.generate(ids, params)] == expected  # and both pools saw the same steps:
-    exports = {}  # an SAQ export's block rows of stages not yet on the bottom stair hold what was there
+    exports = {}  # SAQ: the bottom-stair records (none at 30 tokens) and the slot's bytes in use
     for name, engine in (("ort", theirs), ("torch", ours)):
         first = list(engine.generate_kept(ids, dataclasses.replace(params, max_tokens=1)))
         assert [e.token_id for e in first] == expected[:1]
@@ -142,7 +142,7 @@ def test_kv_handoff_between_backends(engines):
     for layer, reference_layer in zip(exports["torch"], exports["ort"]):
         for array, reference in zip(layer, reference_layer):
             assert array.dtype == reference.dtype and array.shape == reference.shape
-            assert (array != reference).mean() <= 2e-3
+            assert array.size == 0 or (array != reference).mean() <= 2e-3
     for source, target in (("ort", ours), ("torch", theirs)):
         request = target.add_request(ids, params, imported=ImportedKV(expected[0], exports[source]))
         got = []
