@@ -21,7 +21,8 @@ import torch
 
 from runtime.artifact import load_artifact
 from runtime.backends.onnxruntime import OrtBackend
-from runtime.backends.torch_cuda import TorchBackend, paged_attention_quant_torch
+from runtime.backends.torch_cuda import TorchBackend
+from runtime.backends.torch_quant_kv import paged_attention_quant_torch
 from runtime.config import RuntimeConfig
 from runtime.engine import Engine
 from runtime.errors import ConfigError
@@ -198,7 +199,7 @@ def test_triton_quant_attention_matches_spec(kv_format, case):
     """fp16, on the GPU or in Triton's interpreter: pools bit for bit, o within 2x the error of the spec's
     own fp16 rounding + 2e-3 (kernels/attention_triton_quant.py's rule)."""
     pytest.importorskip("triton")
-    from runtime.backends.torch_cuda import TritonQuantAttention
+    from runtime.backends.torch_quant_kv import TritonQuantAttention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = quantized_case(make_case(seed=4, **case), kv_format)
