@@ -29,7 +29,8 @@ as `OrtBackend`: `run(StepBatch) -> logits [B, L, V]` float32, `cache_arrays()`,
 3. Decode graphs. On CUDA, a step of one new token per row replays a CUDA graph captured for its batch
    size padded to a power of two, inputs copied into static buffers, block tables padded to the widest a
    sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly, and so
-   do all steps of an SAQ cache (closing a stage is decided on the host from the step's lengths).
+   do SAQ steps in which a row completes a stage (its re-quantizing write reads the lengths on the host;
+   the host sees from the step's lengths which steps close one: 1 in `stage` per row).
 
 The KV pool holds, per layer, the artifact's pool tensors (runtime.kv_cache.PoolTensor) on the device.
 Float formats: one [num_blocks, block_size, num_kv_heads * head_dim] tensor for K and for V, in fp16 when
@@ -544,13 +545,23 @@ class DecodeGraphs:
     PAD = dict(slot_mapping=SCRATCH_BLOCK, block_table=SCRATCH_BLOCK, total_lens=1)  # others pad with 0
 
     def __init__(
-        self, model: Llama, pools: list[torch.Tensor], batch_sizes: tuple[int, ...], max_blocks: int
+        self,
+        model: Llama,
+        pools: list[torch.Tensor],
+        batch_sizes: tuple[int, ...],
+        max_blocks: int,
+        saq: tuple | None = None,
     ):
+        """`saq`: (SaqAttention, stage) for an SAQ cache: steps that close no stage replay graphs of its
+        device-only step (padding rows write the scratch slot 0); a step closing one runs eagerly."""
         self.model, self.pools, self.batch_sizes, self.max_blocks = model, pools, batch_sizes, max_blocks
-        self.block_size = pools[0].shape[1]
+        self.saq = saq
+        self.block_size = saq[1] if saq else pools[0].shape[1]
         n = batch_sizes[-1]
         shapes = dict(input_ids=(n, 1), position_ids=(n, 1), slot_mapping=(n, 1), block_table=(n, max_blocks))
         shapes |= dict(past_lens=(n,), total_lens=(n,), logit_positions=(n, 1))
+        if saq:
+            shapes["seq_slots"] = (n,)
         self.host = {k: torch.zeros(s, dtype=INPUT_DTYPES[k], pin_memory=True) for k, s in shapes.items()}
         self.static = {k: torch.zeros_like(t, device=pools[0].device) for k, t in self.host.items()}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -563,6 +574,7 @@ class DecodeGraphs:
             and batch.logit_positions.shape[1] == 1
             and rows <= self.batch_sizes[-1]
             and batch.block_table.shape[1] <= self.max_blocks
+            and not (self.saq and closes_stage(batch, self.saq[1]))
         )
 
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -586,15 +598,26 @@ class DecodeGraphs:
         inputs = {name: t[:size] for name, t in self.static.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles the kernels; computes this very step once
-            self.model(**inputs, caches=self.pools)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            logits, _ = self.model(**inputs, caches=self.pools)
+        if self.saq:
+            self.saq[0].in_graph = True
+        try:
+            with torch.cuda.stream(stream):  # warm-up: compiles the kernels; computes this very step once
+                self.model(**inputs, caches=self.pools)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool):
+                logits, _ = self.model(**inputs, caches=self.pools)
+        finally:
+            if self.saq:
+                self.saq[0].in_graph = False
         self.graphs[size] = (graph, logits)
         log.info("captured a CUDA graph for decode batches of %d", size)
         return graph, logits
+
+
+def closes_stage(batch: StepBatch, stage: int) -> bool:
+    """Whether a step completes an SAQ stage in some row (its write then re-quantizes: eager only)."""
+    return bool(np.any(batch.total_lens // stage > batch.past_lens // stage))
 
 
 # -- the backend -----------------------------------------------------------------------------------
@@ -655,12 +678,17 @@ class TorchBackend:
         self.model = use_attention(model.to(self.device), attention)
         self._graphs = None
         graphable = self.attention_kernel in ("triton", "volta", "torch") and self.tensor_parallel is None
-        if config.cuda_graphs and self.device.type == "cuda" and graphable and not self._seq_slots:
+        saq = None
+        if self.kv_format == SAQ_FORMAT:
+            saq = (attention, artifact.saq.stage)
+            graphable = graphable and attention.graphable(artifact.saq, spec.head_dim)
+        if config.cuda_graphs and self.device.type == "cuda" and graphable:
             max_seq_len = min(
                 config.max_seq_len or spec.max_position_embeddings, spec.max_position_embeddings
             )
             sizes = tuple(2**i for i in range(max(config.max_batch_size - 1, 0).bit_length() + 1))
-            self._graphs = DecodeGraphs(self.model, self._pools, sizes, -(-max_seq_len // layout.block_size))
+            max_blocks = -(-max_seq_len // layout.block_size)
+            self._graphs = DecodeGraphs(self.model, self._pools, sizes, max_blocks, saq)
         log.info(
             "loaded %s on %s: %s compute, attention %s, CUDA graphs %s, KV %s: %d blocks x %d tokens, "
             "%d slots (%s), %d blocks on the device, tensor parallel %d (all-reduce in %d chunks)",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_formats import group_size
+from kernels.kv_formats import SaqFormat, group_size
 from kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from kernels.kv_saq import paged_attention_saq_ref
 from runtime.backends.torch_cuda import (
@@ -102,15 +102,23 @@ class SaqAttention:
 
     def __init__(self, device: torch.device, use_kernel: bool | None = None) -> None:
         self._saq = None
-        if device.type == "cuda":
+        if device.type == "cuda" or use_kernel:  # use_kernel on the CPU: Triton's interpreter (tests)
             from kernels import attention_triton_saq
 
             self._saq = attention_triton_saq
         self._use_kernel = use_kernel
         self._last: tuple | None = None  # (device inputs..., their host copies) of the last step
+        self.in_graph = False  # steps being captured into a CUDA graph: device-only (`graph_step`)
+
+    def graphable(self, fmt: SaqFormat, head_dim: int) -> bool:
+        """Whether `graph_step` can run this format: the Triton read takes it."""
+        kernel = self._saq is not None and self._use_kernel is not False
+        return kernel and self._saq.kernel_supports(fmt, head_dim)
 
     def __call__(self, q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, **attrs):
         inputs = (block_table, past_lens, total_lens, seq_slots)
+        if self.in_graph:
+            return self.graph_step(q, k, v, kv_pool, kv_slots, *inputs, **attrs)
         if self._saq is None:
             o, pool, slots = paged_attention_saq_ref(q, k, v, kv_pool, kv_slots, *inputs, **attrs)
             kv_pool.copy_(pool)
@@ -119,6 +127,20 @@ class SaqAttention:
         host = self._host(inputs)
         return self._saq.paged_attention_saq(q, k, v, kv_pool, kv_slots, *host, use_kernel=self._use_kernel,
                                              **attrs)  # fmt: skip
+
+    def graph_step(self, q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, *, fmt,
+                   **attrs):  # fmt: skip
+        """A decode step that closes no stage, with no host reads (CUDA-graph capturable): the Triton read,
+        then each row's one new token into its open stage's row past % stage. The caller guarantees one
+        token per row and no row completing a stage (`closes_stage`); padding rows write the scratch
+        slot."""
+        o = self._saq.flash_attention_decode_saq(q, k, v, kv_pool, kv_slots, block_table, past_lens,
+                                                 total_lens, seq_slots, fmt=fmt, **attrs)  # fmt: skip
+        tails = kv_slots.view(torch.float16)[:, : 2 * fmt.stage * fmt.width].view(-1, 2, fmt.stage, fmt.width)
+        slot, row = seq_slots.long(), (past_lens % fmt.stage).long()
+        tails[slot, 0, row] = k[:, 0].to(torch.float16)
+        tails[slot, 1, row] = v[:, 0].to(torch.float16)
+        return o, kv_pool, kv_slots
 
     def _host(self, inputs: tuple) -> list[torch.Tensor]:
         """The step's block table, lengths and slots on the host: one device-to-host copy per step."""

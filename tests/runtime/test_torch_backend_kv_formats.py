@@ -213,3 +213,96 @@ def test_triton_quant_attention_matches_spec(kv_format, case):
     assert all(caches_match(got.cpu(), want) for got, want in zip(pools, ref_pools))
     error = max_error_on_real_rows(o.cpu(), ref32, case["new_lens"])
     assert error <= 2 * max_error_on_real_rows(ref_o, ref32, case["new_lens"]) + 2e-3
+
+
+# -- SAQ decode steps from CUDA graphs --------------------------------------------------------------
+
+
+def _saq_decode_case(seed: int = 5):
+    """Three rows mid-stage (16-token stages, 8:1,4:1,2 with a sink: their caches hold sinks, rings and
+    bottom records) and a padding row on the scratch slot; one new token each, no stage completes."""
+    from kernels.kv_formats import SaqFormat
+    from kernels.kv_saq import paged_attention_saq_ref
+
+    torch.manual_seed(seed)
+    heads, kv_heads, head_dim = 4, 2, 32
+    fmt = SaqFormat.parse("8:1,4:1,2;stage=16;v_group=32;sink=1;clip=2", kv_heads * head_dim)
+    past = [70, 37, 5]  # stages closed: 4, 2, 0
+    pool = torch.zeros(12, fmt.block_bytes, dtype=torch.uint8)
+    slots = torch.zeros(5, fmt.slot_bytes, dtype=torch.uint8)
+    table = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0], [9, 10, 0, 0, 0]], dtype=torch.int32)
+    seq_slots = torch.tensor([1, 2, 3], dtype=torch.int32)
+    attrs = dict(num_heads=heads, num_kv_heads=kv_heads, scale=head_dim**-0.5, fmt=fmt)
+    width = kv_heads * head_dim
+    for b, n in enumerate(past):  # fill each row's cache through the spec (stages close on the way)
+        q = torch.randn(1, n, heads * head_dim)
+        k, v = torch.randn(2, 1, n, width)
+        zero = torch.zeros(1, dtype=torch.int32)
+        _, pool, slots = paged_attention_saq_ref(q, k, v, pool, slots, table[b : b + 1], zero, zero + n,
+                                                 seq_slots[b : b + 1], **attrs)  # fmt: skip
+    # the step: rows 0-2 and a padding row (scratch slot 0, past 0, total 1, scratch blocks)
+    past_lens = torch.tensor(past + [0], dtype=torch.int32)
+    inputs = (
+        torch.randn(4, 1, heads * head_dim),
+        torch.randn(4, 1, width),
+        torch.randn(4, 1, width),
+        pool,
+        slots,
+        torch.cat([table, torch.zeros(1, 5, dtype=torch.int32)]),
+        past_lens,
+        past_lens + 1,
+        torch.cat([seq_slots, torch.zeros(1, dtype=torch.int32)]),
+    )
+    return inputs, attrs
+
+
+def test_saq_graph_step_equals_the_spec():
+    """SaqAttention's device-only step (what CUDA graphs capture): the Triton read (the interpreter on
+    the CPU) and the open-stage write with no host read give the spec's slots byte for byte and its
+    output; a step that completes a stage is one `closes_stage` sends to the eager path."""
+    pytest.importorskip("triton")
+    from kernels.kv_saq import paged_attention_saq_ref
+    from runtime.backends.torch_cuda import closes_stage
+    from runtime.backends.torch_quant_kv import SaqAttention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs, attrs = _saq_decode_case()
+    ref_o, ref_pool, ref_slots = paged_attention_saq_ref(*[x.clone() for x in inputs], **attrs)
+    attention = SaqAttention(torch.device(device), use_kernel=True)
+    assert attention.graphable(attrs["fmt"], 32)
+    attention.in_graph = True
+    given = [x.clone().to(device) for x in inputs]
+    o, pool, slots = attention(*given, causal=True, sliding_window=0, **attrs)
+    assert torch.equal(pool.cpu(), ref_pool)
+    assert torch.equal(slots[1:].cpu(), ref_slots[1:])  # slot 0: scratch (the padding row)
+    assert (o[:3].cpu().float() - ref_o[:3]).abs().max() <= 2e-3
+    stage = attrs["fmt"].stage
+    batch = lambda past: dataclasses.replace(  # noqa: E731
+        step_batch([([1], n, np.arange(1, 6)) for n in past], stage), seq_slots=np.arange(1, len(past) + 1)
+    )
+    assert not closes_stage(batch([70, 37, 5]), stage)
+    assert closes_stage(batch([70, 47, 5]), stage)  # row 1's token 48 completes stage 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_cuda_graph_decode_equals_eager(embedded_gguf, kv_format):
+    """The embedded model (heads of 64: the Triton kernels take them), fp16 compute: greedy tokens with
+    decode steps replayed from CUDA graphs equal eager steps'. SAQ with 16-token stages: graph steps in
+    between eager steps that close a stage."""
+    from exporters.onnx_export import ExportOptions
+    from tests.conftest import cached_export
+
+    saq = dict(kv_saq="8:1,4:1,2;stage=16;v_group=64;sink=1;clip=2") if kv_format == "saq" else {}
+    options = ExportOptions(weights="fp", compute="fp32", kv_dtype=kv_format, progress=False, **saq)
+    path = cached_export(embedded_gguf, options, "smollm2")
+    prompts = [PROMPTS[0], PROMPTS[1], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    tokens, engines = {}, {}
+    for graphs in (True, False):
+        config = RuntimeConfig(backend="torch", device="cuda", compute_dtype="fp16", cuda_graphs=graphs,
+                               max_batch_size=4, kv_cache_bytes=256 << 20, max_seq_len=256)  # fmt: skip
+        engines[graphs] = Engine.from_artifact(path, config, verify=False)
+        tokens[graphs] = generate_batched(engines[graphs], prompts, params)
+    assert engines[True].backend._graphs.graphs, "no decode step replayed a CUDA graph"
+    assert tokens[True] == tokens[False]
