@@ -58,6 +58,22 @@ MAX_PARTIAL_ELEMENTS = 8192  # next_pow2(num_splits) * padded head_dim: what the
 
 
 @triton.jit
+def _program_tile(seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The tile a decode program owns, from its ids (grid: row b x KV head x row tile, then key split):
+    (b, kv_h, split, row_tile, rows, s_idx, head, row_ok). Its BLOCK_R rows are row = s * GROUP + g (query
+    token s_idx, query head `head`); row_ok: a real token (rows past seq_q pad the tile)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    row_tile = pid % NUM_ROW_TILES
+    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
+    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
+    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    s_idx = rows // GROUP
+    head = kv_h * GROUP + rows % GROUP
+    return b, kv_h, split, row_tile, rows, s_idx, head, s_idx < seq_q
+
+
+@triton.jit
 def _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAUSAL: tl.constexpr,
                HAS_WINDOW: tl.constexpr):  # fmt: skip
     """This split's keys [start, end) of row b, and the row's past length."""
@@ -123,15 +139,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    row_tile = pid % NUM_ROW_TILES
-    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
-    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
-    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # row = s * GROUP + g
-    s_idx = rows // GROUP
-    head = kv_h * GROUP + rows % GROUP
-    row_ok = s_idx < seq_q
+    b, kv_h, split, row_tile, rows, s_idx, head, row_ok = _program_tile(
+        seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP, BLOCK_R
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)

@@ -58,6 +58,7 @@ from kernels.attention_triton_decode import (
     MAX_ROWS_PER_PROGRAM,
     _decode_merge_kernel,
     _key_range,
+    _program_tile,
     _sm_count,
     _softmax_step,
     _store_result,
@@ -186,15 +187,9 @@ def _decode_int8_kernel(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    row_tile = pid % NUM_ROW_TILES
-    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
-    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
-    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # row = s * GROUP + g
-    s_idx = rows // GROUP
-    head = kv_h * GROUP + rows % GROUP
-    row_ok = s_idx < seq_q
+    b, kv_h, split, row_tile, rows, s_idx, head, row_ok = _program_tile(
+        seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP, BLOCK_R
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
@@ -272,15 +267,9 @@ def _decode_int4_kernel(
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUPS: tl.constexpr = HEAD_DIM // SCALE_GROUP  # scale groups per head
     GROUP_BYTES: tl.constexpr = SCALE_GROUP // 2
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    row_tile = pid % NUM_ROW_TILES
-    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
-    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
-    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    s_idx = rows // GROUP
-    head = kv_h * GROUP + rows % GROUP
-    row_ok = s_idx < seq_q
+    b, kv_h, split, row_tile, rows, s_idx, head, row_ok = _program_tile(
+        seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP, BLOCK_R
+    )
     offs_j = tl.arange(0, HALF)  # byte j of a head holds channels 2j (low nibble) and 2j + 1
     b64 = b.to(tl.int64)
     q_row = Q + b64 * stride_qb + s_idx[:, None] * stride_qs + head[:, None] * HEAD_DIM

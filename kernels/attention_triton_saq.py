@@ -72,6 +72,7 @@ from kernels.attention_triton_decode import (
     _decode_merge_kernel,
     _key_range,
     _num_splits,
+    _program_tile,
     _softmax_step,
     _store_result,
 )
@@ -273,15 +274,9 @@ def _saq_decode_kernel(
     BITS2: tl.constexpr, COUNT2: tl.constexpr, RING2: tl.constexpr, BOTTOM_BITS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    row_tile = pid % NUM_ROW_TILES
-    kv_h = (pid // NUM_ROW_TILES) % NUM_KV_HEADS
-    b = pid // (NUM_ROW_TILES * NUM_KV_HEADS)
-    rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # row = s * GROUP + g
-    s_idx = rows // GROUP
-    head = kv_h * GROUP + rows % GROUP
-    row_ok = s_idx < seq_q
+    b, kv_h, split, row_tile, rows, s_idx, head, row_ok = _program_tile(
+        seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP, BLOCK_R
+    )
     # sub-tile i: channels SUB * j + i (SUB = 1: the whole head in acc0, q0)
     cols = SUB * tl.arange(0, HEAD_DIM // SUB)
     b64 = b.to(tl.int64)
