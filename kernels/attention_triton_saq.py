@@ -83,14 +83,17 @@ HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_STAIRS = 4  # three upper stairs (constexpr parameters of the kernel) and the bottom one
 
-# Tile configs by head_dim, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
-# by `python -m benchmarks.kv_saq_gpu` (times SAQ_CANDIDATES at B=1, N=32k, default format, and records
-# them in benchmarks/results/kv_saq_gpu.json; 128/8 needs more shared memory than sm_90 has at D=128).
-# 32 is untuned. Re-tune on another card with the same command and copy the best configs here. With the
-# quarter-head split the tuning prefers 64/4/3 at D=128 too (72.0 vs 85.5 us, H100, 2026-11-25); not
-# adopted before that config is checked against the spec on the GPU (the GPU tests run 32/4/3 there).
-SAQ_DECODE_CONFIGS = {32: DecodeConfig(64, 4, 3), 64: DecodeConfig(64, 4, 3), 128: DecodeConfig(32, 4, 3)}
-SAQ_CANDIDATES = [DecodeConfig(n, w, 3) for n, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+# Tile configs by head_dim (block_n / num_warps / num_stages). Chosen from a sweep on an NVIDIA H200
+# (sm_90, triton 3.6, torch 2.11) on 2026-11-26, default format, CUDA graphs, us per call at B=1 / B=8,
+# N=32k: D=128 (32/8 heads): 128/4/3 68.0 / 457.4, 64/4/3 73.6 / 620.5, 32/4/3 87.1 / 521.7; D=64 (9/3
+# heads): 64/4/2 31.0 / 155.6, 64/4/3 31.8 / 167.7, 128/4/3 35.3 / 170.5. `python -m benchmarks.kv_saq_gpu`
+# re-times SAQ_CANDIDATES at B=1, N=32k and records them in benchmarks/results/kv_saq_gpu.json; re-tune on
+# another card with it and copy the best configs here (128/8 needs more shared memory than sm_90 has at
+# D=128). 32 is untuned. The GPU tests run these configs against the spec.
+SAQ_DECODE_CONFIGS = {32: DecodeConfig(64, 4, 3), 64: DecodeConfig(64, 4, 2), 128: DecodeConfig(128, 4, 3)}
+SAQ_CANDIDATES = [
+    DecodeConfig(*c) for c in ((32, 4, 3), (64, 4, 3), (64, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3))
+]
 INTERPRETER_CONFIG = DecodeConfig(16, 1, 1)
 
 
