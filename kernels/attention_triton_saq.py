@@ -77,7 +77,7 @@ from kernels.attention_triton_decode import (
     _store_result,
 )
 from kernels.kv_formats import SAQ_CLIP_RATIOS, SaqFormat
-from kernels.kv_saq import _pack, _SlotView, decode_record
+from kernels.kv_saq import _pack, _SlotView, _unpack
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -554,32 +554,67 @@ def quantize_device(
 def encode_record_device(k: torch.Tensor, v: torch.Tensor, fmt: SaqFormat, bits: int) -> torch.Tensor:
     """kernels.kv_saq.encode_record on k's device: one closed stage (K, V float [stage, width]) -> its
     record, uint8 [fmt.record_bytes(bits)]."""
-    clip = fmt.clipped(bits)
-    k_codes, k_lo, k_scale = quantize_device(k, bits, 0, clip)
+    return encode_records_device(k[None], v[None], fmt, bits)[0]
+
+
+def encode_records_device(k: torch.Tensor, v: torch.Tensor, fmt: SaqFormat, bits: int) -> torch.Tensor:
+    """N closed stages at once (K, V float [N, stage, width]) -> their records, uint8 [N, record_bytes]:
+    encode_record of each, in one set of tensor ops (a stage close batched over layers and rows)."""
+    clip, n = fmt.clipped(bits), k.shape[0]
+    k_codes, k_lo, k_scale = quantize_device(k, bits, -2, clip)
     v_codes, v_lo, v_scale = quantize_device(v.unflatten(-1, (-1, fmt.v_group)), bits, -1, clip)
     parts = dict(
         k_lo=k_lo, k_scale=k_scale, v_lo=v_lo, v_scale=v_scale,
         k_codes=_pack(k_codes, bits), v_codes=_pack(v_codes.flatten(-2), bits),
     )  # fmt: skip
-    record = torch.cat([parts[name].reshape(-1).view(torch.uint8) for name in fmt.record_fields(bits)])
-    assert record.numel() == fmt.record_bytes(bits)
-    return record
+    records = torch.cat([parts[name].reshape(n, -1).view(torch.uint8) for name in fmt.record_fields(bits)], 1)
+    assert records.shape[1] == fmt.record_bytes(bits)
+    return records
+
+
+def decode_records_device(
+    records: torch.Tensor, fmt: SaqFormat, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.kv_saq.decode_record of N records at once: uint8 [N, record_bytes] -> (K, V) float32
+    [N, stage, width], lo + code * scale."""
+    n, S, W, g = records.shape[0], fmt.stage, fmt.width, fmt.v_group
+    fields = fmt.record_fields(bits)
+    field = lambda name: records[:, fields[name][0] : sum(fields[name])]  # noqa: E731
+    half = lambda name: field(name).contiguous().view(torch.float16).float()  # noqa: E731
+    k_codes = _unpack(field("k_codes").reshape(n, S, -1), bits).float()
+    v_codes = _unpack(field("v_codes").reshape(n, S, -1), bits).float().view(n, S, W // g, g)
+    k = half("k_lo")[:, None] + k_codes * half("k_scale")[:, None]
+    v_lo, v_scale = (half(name).view(n, S, W // g, 1) for name in ("v_lo", "v_scale"))
+    return k, (v_lo + v_codes * v_scale).flatten(-2)
 
 
 def close_stage(view: _SlotView, stage: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """kernels.kv_saq._SlotView.close on the device: logical stage `stage` closes with (k, v) [stage,
     width]; the stages leaving a stair move one down, bottom first, re-quantized from what they hold
     (equal widths copy bytes); sinks stay. Then the new stage is encoded at the top stair."""
-    fmt = view.fmt
+    close_stages([view], [stage], k[None], v[None])
+
+
+def close_stages(views: list[_SlotView], stages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    """close_stage for N sequences or layers at once (views[i] closes its logical stage stages[i] with
+    k[i], v[i], [stage, width]): each stair's moves and the new stages are re-quantized in one batch.
+    Every view is another (layer, sequence): one stage closes per view."""
+    fmt = views[0].fmt
     first_age = [sum(count for _, count in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
     for i in range(len(fmt.stairs) - 2, -1, -1):
-        leaving = stage - first_age[i] - fmt.stairs[i][1]
-        if leaving < fmt.sink:
+        moves = [(view, j - first_age[i] - fmt.stairs[i][1]) for view, j in zip(views, stages)]
+        moves = [(view, leaving) for view, leaving in moves if leaving >= fmt.sink]
+        if not moves:
             continue
-        src, dst = view.record(i, leaving), view.record(i + 1, leaving)
+        src = [view.record(i, leaving) for view, leaving in moves]
+        dst = [view.record(i + 1, leaving) for view, leaving in moves]
         (bits, _), (low, _) = fmt.stairs[i], fmt.stairs[i + 1]
-        dst.copy_(src if bits == low else encode_record_device(*decode_record(src, fmt, bits), fmt, low))
-    view.record(0, stage).copy_(encode_record_device(k, v, fmt, fmt.stairs[0][0]))
+        if bits != low:
+            src = encode_records_device(*decode_records_device(torch.stack(src), fmt, bits), fmt, low)
+        for target, record in zip(dst, src):
+            target.copy_(record)
+    for view, j, record in zip(views, stages, encode_records_device(k, v, fmt, fmt.stairs[0][0])):
+        view.record(0, j).copy_(record)
 
 
 def write_kv_saq(

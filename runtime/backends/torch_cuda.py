@@ -28,9 +28,10 @@ as `OrtBackend`: `run(StepBatch) -> logits [B, L, V]` float32, `cache_arrays()`,
    0 broadcasts each step to the other ranks before running it.
 3. Decode graphs. On CUDA, a step of one new token per row replays a CUDA graph captured for its batch
    size padded to a power of two, inputs copied into static buffers, block tables padded to the widest a
-   sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly, and so
-   do SAQ steps in which a row completes a stage (its re-quantizing write reads the lengths on the host;
-   the host sees from the step's lengths which steps close one: 1 in `stage` per row).
+   sequence can need (max_seq_len / block_size). Other steps (prefill, chunks, mixed) run eagerly. An
+   SAQ graph attends and writes each row's token into its open stage; when the step's lengths (on the
+   host) show rows completing a stage (1 step in `stage` per row), those stages close after the replay,
+   re-quantized in one batch over all layers and rows (`SaqAttention.close_stages`).
 
 The KV pool holds, per layer, the artifact's pool tensors (runtime.kv_cache.PoolTensor) on the device.
 Float formats: one [num_blocks, block_size, num_kv_heads * head_dim] tensor for K and for V, in fp16 when
@@ -552,11 +553,12 @@ class DecodeGraphs:
         max_blocks: int,
         saq: tuple | None = None,
     ):
-        """`saq`: (SaqAttention, stage) for an SAQ cache: steps that close no stage replay graphs of its
-        device-only step (padding rows write the scratch slot 0); a step closing one runs eagerly."""
+        """`saq`: (SaqAttention, SaqFormat) for an SAQ cache: its device-only step is captured (attention,
+        then each row's token into its open stage; padding rows write the scratch slot 0); after a
+        replay in which rows complete a stage, those stages close in one batch over layers and rows."""
         self.model, self.pools, self.batch_sizes, self.max_blocks = model, pools, batch_sizes, max_blocks
         self.saq = saq
-        self.block_size = saq[1] if saq else pools[0].shape[1]
+        self.block_size = saq[1].stage if saq else pools[0].shape[1]
         n = batch_sizes[-1]
         shapes = dict(input_ids=(n, 1), position_ids=(n, 1), slot_mapping=(n, 1), block_table=(n, max_blocks))
         shapes |= dict(past_lens=(n,), total_lens=(n,), logit_positions=(n, 1))
@@ -574,7 +576,6 @@ class DecodeGraphs:
             and batch.logit_positions.shape[1] == 1
             and rows <= self.batch_sizes[-1]
             and batch.block_table.shape[1] <= self.max_blocks
-            and not (self.saq and closes_stage(batch, self.saq[1]))
         )
 
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -592,6 +593,8 @@ class DecodeGraphs:
             self.static[name][:size].copy_(host[:size], non_blocking=True)
         graph, logits = self.graphs.get(size) or self._capture(size)
         graph.replay()
+        if self.saq and closes_stage(batch, self.saq[1].stage):
+            self.saq[0].close_stages(self.pools, batch, self.saq[1])
         return logits[:rows]
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -616,7 +619,7 @@ class DecodeGraphs:
 
 
 def closes_stage(batch: StepBatch, stage: int) -> bool:
-    """Whether a step completes an SAQ stage in some row (its write then re-quantizes: eager only)."""
+    """Whether a step completes an SAQ stage in some row (after a graph replay: `close_stages`)."""
     return bool(np.any(batch.total_lens // stage > batch.past_lens // stage))
 
 
@@ -680,7 +683,7 @@ class TorchBackend:
         graphable = self.attention_kernel in ("triton", "volta", "torch") and self.tensor_parallel is None
         saq = None
         if self.kv_format == SAQ_FORMAT:
-            saq = (attention, artifact.saq.stage)
+            saq = (attention, artifact.saq)
             graphable = graphable and attention.graphable(artifact.saq, spec.head_dim)
         if config.cuda_graphs and self.device.type == "cuda" and graphable:
             max_seq_len = min(

@@ -14,6 +14,7 @@ They build on the float formats' pieces in torch_cuda.py (the masked attention, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kernels.kv_formats import SaqFormat, group_size
@@ -130,9 +131,9 @@ class SaqAttention:
 
     def graph_step(self, q, k, v, kv_pool, kv_slots, block_table, past_lens, total_lens, seq_slots, *, fmt,
                    **attrs):  # fmt: skip
-        """A decode step that closes no stage, with no host reads (CUDA-graph capturable): the Triton read,
-        then each row's one new token into its open stage's row past % stage. The caller guarantees one
-        token per row and no row completing a stage (`closes_stage`); padding rows write the scratch
+        """A decode step with no host reads (CUDA-graph capturable): the Triton read, then each row's one
+        new token into its open stage's row past % stage. The caller guarantees one token per row, and
+        closes the stages the step completes afterwards (`close_stages`); padding rows write the scratch
         slot."""
         o = self._saq.flash_attention_decode_saq(q, k, v, kv_pool, kv_slots, block_table, past_lens,
                                                  total_lens, seq_slots, fmt=fmt, **attrs)  # fmt: skip
@@ -141,6 +142,25 @@ class SaqAttention:
         tails[slot, 0, row] = k[:, 0].to(torch.float16)
         tails[slot, 1, row] = v[:, 0].to(torch.float16)
         return o, kv_pool, kv_slots
+
+    def close_stages(self, pools: list[torch.Tensor], batch, fmt: SaqFormat) -> None:
+        """After `graph_step` over every layer: close the stage each row's token completed (its open stage
+        is full now), in every layer, as one batch (kernels/attention_triton_saq.close_stages). pools:
+        the backend's (kv_pool, kv_slots) per layer; batch: the step's StepBatch (host arrays)."""
+        from kernels.kv_saq import _SlotView
+
+        rows = np.nonzero(batch.total_lens // fmt.stage > batch.past_lens // fmt.stage)[0]
+        views, stages, tails = [], [], []
+        for pool, slots in zip(pools[0::2], pools[1::2]):
+            tail = slots.view(torch.float16)[:, : 2 * fmt.stage * fmt.width].view(-1, 2, fmt.stage, fmt.width)
+            for b in rows:
+                slot = int(batch.seq_slots[b])
+                views.append(_SlotView(pool, slots, slot, batch.block_table[b], fmt))
+                stages.append(int(batch.past_lens[b]) // fmt.stage)
+                tails.append(tail[slot])
+        if views:
+            tails = torch.stack(tails).float()
+            self._saq.close_stages(views, stages, tails[:, 0], tails[:, 1])
 
     def _host(self, inputs: tuple) -> list[torch.Tensor]:
         """The step's block table, lengths and slots on the host: one device-to-host copy per step."""
