@@ -1,15 +1,16 @@
 """KV formats on the GPU: decode speed of the torch backend per format, with and without CUDA graphs.
 
-    python -m benchmarks.kv_formats_gpu --artifacts fp16=DIR int8=DIR int4=DIR saq=DIR [--context 2048]
+    python -m benchmarks.kv_formats_gpu --artifacts fp16=DIR int8=DIR int4=DIR saq=DIR [--context 1920]
 
 Every artifact is the same model exported with a different `--kv-dtype`; each runs in an in-process Engine
 on the torch backend (compute_dtype fp16, attention_kernel auto: the Triton kernels of its format), once
-with decode steps replayed from CUDA graphs and once eagerly (an SAQ step that closes a stage is always
-eager: 1 step in `stage` per row). Per batch size B: B prompts of `--context` random token ids (numpy seed
-0, the same for every format), `--new-tokens` greedy tokens each (EOS ignored); decode tok/s =
-B * (new - 1) / (every row has its first token -> the last token), median of `--repeats` after one
-warm-up generation (compiles the kernels, captures the graphs). The first artifact is the baseline of the
-`vs_first` ratios, measured in the same process.
+with decode steps replayed from CUDA graphs and once eagerly (SAQ: the stages a replayed step completes
+close after it, batched over layers and rows). Per batch size B: B prompts of random token ids (numpy
+seed 0, the same for every format), row b's `--stagger` * b tokens shorter than `--context` (so the rows
+of an SAQ cache complete their stages on different steps, as in serving), `--new-tokens` greedy tokens
+each (EOS ignored); decode tok/s = B * (new - 1) / (every row has its first token -> the last token),
+median of `--repeats` after one warm-up generation (compiles the kernels, captures the graphs). The
+first artifact is the baseline of the `vs_first` ratios, measured in the same process.
 Results: benchmarks/results/kv_formats_gpu.json with the card, versions, date and command.
 """
 
@@ -55,7 +56,8 @@ def measure(path: str, graphs: bool, batch: int, args) -> dict:
     )  # fmt: skip
     engine = Engine.from_artifact(path, config, verify=False)
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, engine.artifact.model.vocab_size, (batch, args.context)).tolist()
+    ids = rng.integers(0, engine.artifact.model.vocab_size, (batch, args.context)).tolist()
+    prompts = [row[: args.context - args.stagger * b] for b, row in enumerate(ids)]
     decode_tok_s(engine, prompts, args.new_tokens)  # warm-up
     samples = [decode_tok_s(engine, prompts, args.new_tokens) for _ in range(args.repeats)]
     used = getattr(engine.backend, "_graphs", None)
@@ -81,8 +83,9 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--artifacts", nargs="+", required=True, help="name=DIR; the first is the baseline")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--context", type=int, default=1920)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--stagger", type=int, default=16, help="row b's prompt: b x N tokens shorter")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-mib", type=int, default=4096)
