@@ -148,11 +148,9 @@ def run(args) -> dict:
     for n in args.concurrency:
         engine_results[str(n)] = in_process(engine, batch_all[:n], args.new_tokens)
     per_token = engine.artifact.kv_bytes_per_token
-    blocks = engine.allocator.blocks_for(args.prompt_tokens + args.new_tokens)
     kv = {
         "bytes_per_token": per_token,
-        "reserved_bytes_per_sequence": blocks
-        * engine.allocator.layout.bytes_per_block,  # prompt + max_tokens
+        "reserved_bytes_per_sequence": engine.allocator.bytes_for(args.prompt_tokens + args.new_tokens),
         "kv_format": engine.artifact.kv_format,
     }
     del engine

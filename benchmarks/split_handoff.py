@@ -275,7 +275,8 @@ def run_artifact(name: str, artifact: Path, links: list[int], args, workdir: Pat
     from runtime.artifact import load_artifact
     from services.gateway.split_policy import SplitPolicy
 
-    kv_bytes = load_artifact(artifact, verify=False).kv_bytes_per_token
+    loaded = load_artifact(artifact, verify=False)
+    kv_bytes, handoff_bytes = loaded.kv_bytes_per_token, loaded.kv_handoff_bytes  # SAQ: not linear
     result = {"kv": name, "artifact": str(artifact), "kv_bytes_per_token": kv_bytes, "links": []}
     procs = start_services(artifact, workdir)
     try:
@@ -285,14 +286,14 @@ def run_artifact(name: str, artifact: Path, links: list[int], args, workdir: Pat
             link = measure_link(2.0, rate)
             measured = probe(args.lengths, args.repeats, args.max_tokens, calibrate=calibration is None)
             if calibration is None:
-                calibration = calibrate(measured, link, kv_bytes)
+                calibration = calibrate(measured, link, handoff_bytes(CAL_TOKENS))
             policy = SplitPolicy(
                 mode="auto",
                 link_bandwidth_mbps=link["bandwidth_mbps"],
                 link_rtt_ms=link["rtt_ms"],
                 local_prefill_tokens_per_s=calibration["local_prefill_tokens_per_s"],
                 remote_prefill_tokens_per_s=calibration["remote_prefill_tokens_per_s"],
-                kv_bytes_per_token=kv_bytes,
+                kv_handoff_bytes=handoff_bytes,
                 split_overhead_ms=calibration["split_overhead_ms"],
             )
             for row in measured["rows"]:
@@ -323,11 +324,12 @@ def run_artifact(name: str, artifact: Path, links: list[int], args, workdir: Pat
     return result
 
 
-def calibrate(measured: dict, link: dict, kv_bytes: int) -> dict:
-    """Prefill rates of both nodes and the split's fixed cost, at CAL_TOKENS on the first link."""
+def calibrate(measured: dict, link: dict, handoff_bytes: int) -> dict:
+    """Prefill rates of both nodes and the split's fixed cost, at CAL_TOKENS on the first link
+    (`handoff_bytes`: what the handoff of a CAL_TOKENS prompt moves)."""
     local_ms = measured["local_cal"]["ttft_ms"]
     remote_ms = measured["remote_prefill_ms"]
-    transfer_ms = CAL_TOKENS * kv_bytes * 8 / (link["bandwidth_mbps"] * 1e6) * 1e3
+    transfer_ms = handoff_bytes * 8 / (link["bandwidth_mbps"] * 1e6) * 1e3
     overhead = measured["split_cal"]["ttft_ms"] - remote_ms - transfer_ms - 2 * link["rtt_ms"]
     return {
         "prompt_tokens": CAL_TOKENS,
