@@ -204,6 +204,7 @@ def saq_compare(ids: list[int], schedules: dict[str, SaqSchedule], window: int) 
                 "sink_stages": s.sink,
                 "rotate": s.rotate,
                 "v_group": s.v_group,
+                "sink_tokens": s.sink_tokens,
             }
             for n, s in schedules.items()
         },  # fmt: skip
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         "--saq",
         nargs="*",
         default=[],
-        help="NAME=STAIRS[;stage=N;v_group=N;sink=N;rotate=kv;clip=2] SAQ schedules",
+        help="NAME=STAIRS[;stage=N;v_group=N;sink=N;rotate=kv;clip=2;sink_tokens=N] SAQ schedules",
     )
     parser.add_argument("--saq-tokens", type=int, default=16384)
     parser.add_argument("--saq-window", type=int, default=4096)

@@ -40,10 +40,22 @@ class SaqSchedule:
     sink: int = 0  # the oldest `sink` stages stay at the top stair's width (attention sinks)
     rotate: str = ""  # "k", "v" or "kv": rows rotated per head by a Hadamard matrix before quantizing
     clip: int = 0  # stairs of at most this many bits search a clipped range (quantize_asym)
+    # the first `sink_tokens` tokens kept fp16 beside the staircase (token attention sinks); stage 0 is
+    # quantized with them replaced by its other rows' mean, so they do not stretch its ranges. Reference
+    # only (exploration): the served format (kernels/kv_formats.SaqFormat) has sink stages, not tokens.
+    sink_tokens: int = 0
 
     @classmethod
     def parse(
-        cls, text: str, *, stage: int = 64, v_group: int = 32, sink: int = 0, rotate: str = "", clip: int = 0
+        cls,
+        text: str,
+        *,
+        stage: int = 64,
+        v_group: int = 32,
+        sink: int = 0,
+        rotate: str = "",
+        clip: int = 0,
+        sink_tokens: int = 0,
     ) -> SaqSchedule:
         """'8:1,4:4,2' -> stairs ((8, 1), (4, 4), (2, 0))."""
         stairs = []
@@ -59,8 +71,9 @@ class SaqSchedule:
             if not last and stairs[-1][1] <= 0:
                 raise ValueError(f"SAQ stair {part!r}: every stair but the last needs a stage count >= 1")
         schedule = cls(
-            stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate, clip=clip
-        )
+            stage=stage, stairs=tuple(stairs), v_group=v_group, sink=sink, rotate=rotate, clip=clip,
+            sink_tokens=sink_tokens,
+        )  # fmt: skip
         schedule.validate()
         return schedule
 
@@ -72,6 +85,8 @@ class SaqSchedule:
             raise ValueError(f"SAQ stair widths {widths} must not increase with age")
         if self.stage < 2:
             raise ValueError(f"SAQ stage of {self.stage} tokens: use at least 2")
+        if not 0 <= self.sink_tokens < self.stage:
+            raise ValueError(f"SAQ sink_tokens={self.sink_tokens}: 0 up to the stage size - 1")
 
     def bits_at(self, age: int, index: int = 1 << 30) -> int:
         """Width of the closed stage `age` stages old (0 = newest), `index` stages from the oldest."""
@@ -198,6 +213,7 @@ class SaqCache:
         self.residual_k = torch.empty(0, width, dtype=dtype)
         self.residual_v = torch.empty(0, width, dtype=dtype)
         self.demotions = 0
+        self.sink_k = self.sink_v = None  # the first schedule.sink_tokens rows, fp16, once stage 0 closes
 
     def __len__(self) -> int:
         return len(self.stages) * self.schedule.stage + self.residual_k.shape[0]
@@ -230,6 +246,11 @@ class SaqCache:
     def _close(self) -> None:
         top = self.schedule.bits_at(0)
         k, v = self._rotate(self.residual_k, "k"), self._rotate(self.residual_v, "v")
+        n = self.schedule.sink_tokens
+        if n and not self.stages:  # stage 0: its first n rows stay fp16; the rest's mean stands in for them
+            self.sink_k, self.sink_v = self.residual_k[:n].clone(), self.residual_v[:n].clone()
+            k, v = k.clone(), v.clone()
+            k[:n], v[:n] = k[n:].mean(0), v[n:].mean(0)
         self.stages.append(_Stage(k, v, top, self.schedule.v_group, self.schedule.clip))
         self.residual_k = self.residual_k[:0]
         self.residual_v = self.residual_v[:0]
@@ -243,11 +264,16 @@ class SaqCache:
         """All tokens, oldest first, as float32 [T, W]: what attention reads."""
         ks = [self._rotate(s.keys(), "k", True) for s in self.stages] + [self.residual_k.float()]
         vs = [self._rotate(s.values(), "v", True) for s in self.stages] + [self.residual_v.float()]
-        return torch.cat(ks), torch.cat(vs)
+        k, v = torch.cat(ks), torch.cat(vs)
+        if self.sink_k is not None:
+            n = self.sink_k.shape[0]
+            k[:n], v[:n] = self.sink_k.float(), self.sink_v.float()
+        return k, v
 
     def nbytes(self) -> int:
         residual = 2 * self.residual_k.numel() * self.residual_k.element_size()
-        return residual + sum(s.nbytes() for s in self.stages)
+        sink = 0 if self.sink_k is None else 2 * self.sink_k.numel() * self.sink_k.element_size()
+        return residual + sink + sum(s.nbytes() for s in self.stages)
 
     def bits_histogram(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -120,6 +120,26 @@ def test_rotation_is_undone():
     assert torch.equal(exact.keys_values()[0], k.half().float())  # residual: never rotated
 
 
+def test_sink_tokens_stay_fp16_outside_stage_zero_ranges():
+    """sink_tokens=2: the first two rows come back exact (fp16) after every close and demotion, are
+    counted in nbytes, and stage 0 is quantized without them (an outlier there would stretch every
+    channel's range: the stage's other rows come back closer than with the outlier inside)."""
+    k, v = _rows(40, seed=5)
+    k[0] *= 50  # an attention-sink-like outlier row
+    plain = SaqCache(SaqSchedule.parse("8:1,2", stage=8), W)
+    sink = SaqCache(SaqSchedule.parse("8:1,2", stage=8, sink_tokens=2), W)
+    for cache in (plain, sink):
+        cache.append(k, v)
+    keys, values = sink.keys_values()
+    assert torch.equal(keys[:2], k[:2].half().float()) and torch.equal(values[:2], v[:2].half().float())
+    assert sink.stages[0].bits == 2  # demoted twice since it closed
+    errors = [float((c.keys_values()[0][2:8] - k[2:8]).abs().max()) for c in (plain, sink)]
+    assert errors[1] < errors[0] / 5, errors
+    assert sink.nbytes() == plain.nbytes() + 2 * 2 * W * 2
+    with pytest.raises(ValueError, match="sink_tokens"):
+        SaqSchedule.parse("8:1,2", stage=8, sink_tokens=8)
+
+
 @pytest.mark.slow
 def test_embedded_model_accuracy_bar(reference_model, smollm2_fp32):
     """SAQ 8/4/2 on the embedded model at >= 5x less KV memory than fp16 at 4k context: a guard on the
