@@ -617,6 +617,11 @@ def close_stages(views: list[_SlotView], stages: list[int], k: torch.Tensor, v: 
         view.record(0, j).copy_(record)
 
 
+def open_stage_tails(kv_slots: torch.Tensor, fmt: SaqFormat) -> torch.Tensor:
+    """Every slot's open stage as a view: fp16 [num_slots, 2 (K, V), stage, width] (SaqFormat layout)."""
+    return kv_slots.view(torch.float16)[:, : 2 * fmt.stage * fmt.width].view(-1, 2, fmt.stage, fmt.width)
+
+
 def write_kv_saq(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -632,8 +637,8 @@ def write_kv_saq(
     """The node's write (paged_attention_saq_ref), in place: per row, the open stage's rows and the new
     tokens form one run from position (past // stage) * stage; every stage it completes closes, the
     rest becomes the tail. Reads the lengths on the host (one sync when they live on the device)."""
-    stage, width = fmt.stage, fmt.width
-    tails = kv_slots.view(torch.float16)[:, : 2 * stage * width].view(-1, 2, stage, width)
+    stage = fmt.stage
+    tails = open_stage_tails(kv_slots, fmt)
     table = None
     tail_rows = []  # (slot, tail row, b, s): new tokens that stay in the open stage
     for b, (past, total, slot) in enumerate(zip(*_host_lists(past_lens, total_lens, seq_slots))):

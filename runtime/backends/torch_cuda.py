@@ -618,9 +618,14 @@ class DecodeGraphs:
         return graph, logits
 
 
+def closing_rows(batch: StepBatch, stage: int) -> np.ndarray:
+    """The rows whose new tokens complete an SAQ stage (after a graph replay: `close_stages`)."""
+    return np.nonzero(batch.total_lens // stage > batch.past_lens // stage)[0]
+
+
 def closes_stage(batch: StepBatch, stage: int) -> bool:
-    """Whether a step completes an SAQ stage in some row (after a graph replay: `close_stages`)."""
-    return bool(np.any(batch.total_lens // stage > batch.past_lens // stage))
+    """Whether a step completes an SAQ stage in some row."""
+    return closing_rows(batch, stage).size > 0
 
 
 # -- the backend -----------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ They build on the float formats' pieces in torch_cuda.py (the masked attention, 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from kernels.kv_formats import SaqFormat, group_size
@@ -24,6 +23,7 @@ from runtime.backends.torch_cuda import (
     DECODE_KERNEL_MAX_TOKENS,
     TritonAttention,
     attend_masked,
+    closing_rows,
     paged_key_slots,
 )
 
@@ -137,7 +137,7 @@ class SaqAttention:
         slot."""
         o = self._saq.flash_attention_decode_saq(q, k, v, kv_pool, kv_slots, block_table, past_lens,
                                                  total_lens, seq_slots, fmt=fmt, **attrs)  # fmt: skip
-        tails = kv_slots.view(torch.float16)[:, : 2 * fmt.stage * fmt.width].view(-1, 2, fmt.stage, fmt.width)
+        tails = self._saq.open_stage_tails(kv_slots, fmt)
         slot, row = seq_slots.long(), (past_lens % fmt.stage).long()
         tails[slot, 0, row] = k[:, 0].to(torch.float16)
         tails[slot, 1, row] = v[:, 0].to(torch.float16)
@@ -149,18 +149,16 @@ class SaqAttention:
         the backend's (kv_pool, kv_slots) per layer; batch: the step's StepBatch (host arrays)."""
         from kernels.kv_saq import _SlotView
 
-        rows = np.nonzero(batch.total_lens // fmt.stage > batch.past_lens // fmt.stage)[0]
-        views, stages, tails = [], [], []
-        for pool, slots in zip(pools[0::2], pools[1::2]):
-            tail = slots.view(torch.float16)[:, : 2 * fmt.stage * fmt.width].view(-1, 2, fmt.stage, fmt.width)
-            for b in rows:
-                slot = int(batch.seq_slots[b])
-                views.append(_SlotView(pool, slots, slot, batch.block_table[b], fmt))
-                stages.append(int(batch.past_lens[b]) // fmt.stage)
-                tails.append(tail[slot])
+        rows = closing_rows(batch, fmt.stage)
+        views = [
+            _SlotView(pool, slots, int(batch.seq_slots[b]), batch.block_table[b], fmt)
+            for pool, slots in zip(pools[0::2], pools[1::2])
+            for b in rows
+        ]
         if views:
-            tails = torch.stack(tails).float()
-            self._saq.close_stages(views, stages, tails[:, 0], tails[:, 1])
+            stages = [int(batch.past_lens[b]) // fmt.stage for b in rows] * (len(pools) // 2)
+            k, v = (torch.stack([view.tail(i) for view in views]).float() for i in (0, 1))
+            self._saq.close_stages(views, stages, k, v)
 
     def _host(self, inputs: tuple) -> list[torch.Tensor]:
         """The step's block table, lengths and slots on the host: one device-to-host copy per step."""
