@@ -69,6 +69,17 @@ class Sequences:
         total = past + torch.tensor(new_lens, dtype=torch.int32)
         return [x.to(self.dtype) for x in (q, k, v)], past, total
 
+    def fill(self, new_lens: list[int]) -> None:
+        """Write the next tokens through the spec alone (a cache state for the read-only tests)."""
+        (q, k, v), args = self.read_inputs(new_lens)
+        _, self.pool, self.slots = paged_attention_saq_ref(q, k, v, *args, fmt=self.fmt, **self.heads)
+        self.lens = args[4].tolist()
+
+    def read_inputs(self, new_lens: list[int]) -> tuple[list[torch.Tensor], tuple]:
+        """The next step's (q, k, v) and the cache arguments of a read (nothing written)."""
+        (q, k, v), past, total = self.inputs(new_lens)
+        return [q, k, v], (self.pool, self.slots, self.table, past, total, self.seq_slots)
+
     def step(self, new_lens: list[int], **options) -> None:
         """One call of the node vs the spec from the same state; the state moves on with the node's."""
         (q, k, v), past, total = self.inputs(new_lens)
@@ -143,13 +154,8 @@ def test_read_options_and_split_counts(num_splits, options):
     """The read alone, on a cache the spec wrote: any split count (splits that see no key included),
     non-causal, a sliding window that starts inside a stage."""
     seqs = Sequences("8:1,4:1,2;stage=8;v_group=16;sink=1;clip=2", 4, 2, 64, seed=4)
-    (q, k, v), past, total = seqs.inputs([37, 29])
-    _, seqs.pool, seqs.slots = paged_attention_saq_ref(
-        q, k, v, seqs.pool, seqs.slots, seqs.table, past, total, seqs.seq_slots, fmt=seqs.fmt, **seqs.heads
-    )  # fmt: skip
-    (q, k, v), past, total = seqs.inputs([2, 1])
-    args = (seqs.pool, seqs.slots, seqs.table, total, total + torch.tensor([2, 1], dtype=torch.int32),
-            seqs.seq_slots)  # fmt: skip
+    seqs.fill([37, 29])
+    (q, k, v), args = seqs.read_inputs([2, 1])
     ref = paged_attention_saq_ref(q.float(), k, v, *args, fmt=seqs.fmt, **seqs.heads, **options)[0]
     o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
                                    num_splits=num_splits, **options)  # fmt: skip
@@ -170,13 +176,8 @@ def test_read_of_two_entry_rings_and_sinks_over_many_stages(case, num_splits):
     tl.reshape); the interpreter did not."""
     spec, heads = case[:2]
     seqs = Sequences(spec, *heads, max_blocks=16, seed=9)
-    (q, k, v), past, total = seqs.inputs([90, 45])
-    _, seqs.pool, seqs.slots = paged_attention_saq_ref(
-        q, k, v, seqs.pool, seqs.slots, seqs.table, past, total, seqs.seq_slots, fmt=seqs.fmt, **seqs.heads
-    )  # fmt: skip
-    (q, k, v), _, _ = seqs.inputs([1, 2])
-    args = (seqs.pool, seqs.slots, seqs.table, total, total + torch.tensor([1, 2], dtype=torch.int32),
-            seqs.seq_slots)  # fmt: skip
+    seqs.fill([90, 45])
+    (q, k, v), args = seqs.read_inputs([1, 2])
     ref = paged_attention_saq_ref(q.float(), k, v, *args, fmt=seqs.fmt, **seqs.heads)[0]
     o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
                                    num_splits=num_splits)  # fmt: skip
