@@ -33,12 +33,16 @@ SAQ_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 class SaqFormat:
     """A staircase: closed stages of `stage` tokens step down `stairs` [(bits, stages), ..., (bits, 0)]
     as they age; the newest (open) stage stays fp16. One token's K (and V) row has `width` channels.
-    The oldest `sink` stages stay on the top stair for good (attention sinks). Stairs of at most `clip`
-    bits choose each group's range by a clipping search (kernels/kv_saq.quantize_asym); 0 = min..max.
+    The oldest `sink` stages stay on the top stair for good (attention sinks). The first `sink_tokens`
+    tokens stay fp16 for good (token sinks): once stage 0 closes they are read from the slot's sink rows,
+    and stage 0's record holds row `sink_tokens`'s values in their place (so they do not stretch its
+    ranges). Stairs of at most `clip` bits choose each group's range by a clipping search
+    (kernels/kv_saq.quantize_asym); 0 = min..max.
 
     Memory, per layer (uint8 arrays; fp16 fields little-endian inside them):
       pool  [num_blocks, block_bytes]: one record per block of the bottom stair (paged: block table)
       slots [num_slots, slot_bytes]:   per sequence, the open stage's K and V (fp16 [stage, width] each),
+                                       the token sinks' K and V (fp16 [sink_tokens, width] each),
                                        then `sink` records at the top stair's width (logical stages
                                        0..sink-1), then each upper stair's ring of `count` records;
                                        logical stage j of stair i lives in ring entry j % count
@@ -54,16 +58,19 @@ class SaqFormat:
     width: int
     sink: int = 0
     clip: int = 0
+    sink_tokens: int = 0
 
     @classmethod
     def parse(cls, spec: str, width: int) -> SaqFormat:
         """'8:1,4:4,2;stage=64;v_group=32' (any part after the stairs optional)."""
         stairs_text, *options = [p.strip() for p in (spec or SAQ_DEFAULT).split(";")]
-        values = {"stage": 64, "v_group": 32, "sink": 0, "clip": 0}
+        values = {"stage": 64, "v_group": 32, "sink": 0, "clip": 0, "sink_tokens": 0}
         for option in options:
             key, _, value = option.partition("=")
             if key not in values or not value.strip().isdigit():
-                raise ValueError(f"SAQ option {option!r}: use stage=N, v_group=N, sink=N or clip=BITS")
+                raise ValueError(
+                    f"SAQ option {option!r}: use stage=N, v_group=N, sink=N, clip=BITS or sink_tokens=N"
+                )
             values[key] = int(value)
         parts = [p.strip() for p in stairs_text.split(",")]
         stairs = []
@@ -80,7 +87,10 @@ class SaqFormat:
                     f"SAQ stairs {stairs_text!r}: every stair but the last needs BITS:STAGES (stages >= 1), "
                     "the last one is BITS alone (it holds all older stages)"
                 )
-        fmt = cls(tuple(stairs), values["stage"], values["v_group"], width, values["sink"], values["clip"])
+        fmt = cls(
+            tuple(stairs), values["stage"], values["v_group"], width, values["sink"], values["clip"],
+            values["sink_tokens"],
+        )  # fmt: skip
         fmt.validate()
         return fmt
 
@@ -98,10 +108,14 @@ class SaqFormat:
             raise ValueError(f"SAQ clip={self.clip}: 0 (none) or the widest stair to clip (2, 4 or 8)")
         if self.width % 4:
             raise ValueError(f"SAQ needs a KV width divisible by 4, not {self.width}")
+        if not 0 <= self.sink_tokens < self.stage:
+            raise ValueError(f"SAQ sink_tokens={self.sink_tokens}: use 0 up to stage - 1 ({self.stage - 1})")
 
     def text(self) -> str:
+        tokens = f";sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
         return (
             f"{self.stairs_text};stage={self.stage};v_group={self.v_group};sink={self.sink};clip={self.clip}"
+            + tokens
         )
 
     @property
@@ -142,9 +156,14 @@ class SaqFormat:
         return 2 * self.stage * self.width
 
     @property
+    def sink_rows_offset(self) -> int:
+        """Byte offset of the token sinks' K rows (fp16 [sink_tokens, width], then V's) inside a slot."""
+        return 2 * self.tail_bytes
+
+    @property
     def sink_offset(self) -> int:
         """Byte offset of the sink records (top stair width, one per sink stage) inside a slot."""
-        return 2 * self.tail_bytes
+        return self.sink_rows_offset + 4 * self.sink_tokens * self.width
 
     def ring_offset(self, stair: int) -> int:
         """Byte offset of stair `stair`'s ring inside a slot (stairs above the bottom one)."""
@@ -184,12 +203,13 @@ class SaqFormat:
 
     def slot_ranges(self, tokens: int) -> list[tuple[int, int]]:
         """(byte offset, bytes) of a slot that hold state once `tokens` tokens are cached, ascending, adjacent
-        ones merged: the open stage's first tokens % stage rows of K and of V, the sink records of closed
-        sink stages, and the ring entries holding a stage. The slot's other bytes are not read before
-        they are written."""
+        ones merged: the open stage's first tokens % stage rows of K and of V, the token sinks' rows once
+        stage 0 has closed, the sink records of closed sink stages, and the ring entries holding a stage.
+        The slot's other bytes are not read before they are written."""
         closed, rows = divmod(tokens, self.stage)
         top = self.record_bytes(self.stairs[0][0])
         ranges = [(0, 2 * rows * self.width), (self.tail_bytes, 2 * rows * self.width)]
+        ranges.append((self.sink_rows_offset, 4 * self.sink_tokens * self.width if closed else 0))
         ranges.append((self.sink_offset, min(closed, self.sink) * top))
         first_age = 0
         for i, (bits, count) in enumerate(self.stairs[:-1]):

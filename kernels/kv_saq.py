@@ -41,8 +41,7 @@ class SaqSchedule:
     rotate: str = ""  # "k", "v" or "kv": rows rotated per head by a Hadamard matrix before quantizing
     clip: int = 0  # stairs of at most this many bits search a clipped range (quantize_asym)
     # the first `sink_tokens` tokens kept fp16 beside the staircase (token attention sinks); stage 0 is
-    # quantized with them replaced by its other rows' mean, so they do not stretch its ranges. Reference
-    # only (exploration): the served format (kernels/kv_formats.SaqFormat) has sink stages, not tokens.
+    # quantized with row sink_tokens standing in for them (sink_stand_in), so they do not stretch its ranges
     sink_tokens: int = 0
 
     @classmethod
@@ -100,6 +99,17 @@ class SaqSchedule:
 
     def text(self) -> str:
         return ",".join(f"{b}:{c}" if c else str(b) for b, c in self.stairs)
+
+
+def sink_stand_in(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Stage 0's rows [stage, W] as its record quantizes them when the first n tokens are token sinks
+    (kept fp16 elsewhere): row n's values in rows 0..n-1 (a copy). Another row of the stage leaves K's
+    per-channel ranges as the other rows give them, and is exact in any implementation."""
+    if not n:
+        return rows
+    rows = rows.clone()
+    rows[:n] = rows[n]
+    return rows
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -247,10 +257,9 @@ class SaqCache:
         top = self.schedule.bits_at(0)
         k, v = self._rotate(self.residual_k, "k"), self._rotate(self.residual_v, "v")
         n = self.schedule.sink_tokens
-        if n and not self.stages:  # stage 0: its first n rows stay fp16; the rest's mean stands in for them
+        if n and not self.stages:  # stage 0: its first n rows stay fp16; row n stands in for them
             self.sink_k, self.sink_v = self.residual_k[:n].clone(), self.residual_v[:n].clone()
-            k, v = k.clone(), v.clone()
-            k[:n], v[:n] = k[n:].mean(0), v[n:].mean(0)
+            k, v = sink_stand_in(k, n), sink_stand_in(v, n)
         self.stages.append(_Stage(k, v, top, self.schedule.v_group, self.schedule.clip))
         self.residual_k = self.residual_k[:0]
         self.residual_v = self.residual_v[:0]
@@ -366,10 +375,17 @@ class _SlotView:
         size = self.fmt.tail_bytes
         return self.slot[which * size : (which + 1) * size].view(torch.float16).view(self.fmt.stage, -1)
 
+    def sink_rows(self, which: int) -> torch.Tensor:
+        """fp16 [sink_tokens, width] view of the token sinks' K (0) or V (1)."""
+        size = 2 * self.fmt.sink_tokens * self.fmt.width
+        start = self.fmt.sink_rows_offset + which * size
+        return self.slot[start : start + size].view(torch.float16).view(self.fmt.sink_tokens, -1)
+
     def close(self, stage: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Logical stage `stage` closes with (k, v) [stage, width]: older stages leaving a stair move one
         down (bottom first, so each ring entry is free before it is written), then the new one takes
-        the top stair. A move re-quantizes what the stage holds; equal widths copy the bytes."""
+        the top stair. A move re-quantizes what the stage holds; equal widths copy the bytes. Stage 0's
+        first sink_tokens rows go to the sink rows, and its record holds sink_stand_in's rows."""
         fmt, top = self.fmt, len(self.fmt.stairs) - 1
         first_age = [sum(c for _, c in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
         for i in range(top - 1, -1, -1):
@@ -379,11 +395,15 @@ class _SlotView:
             src, dst = self.record(i, leaving), self.record(i + 1, leaving)
             (bits, _), (low, _) = fmt.stairs[i], fmt.stairs[i + 1]
             dst.copy_(src if bits == low else encode_record(*decode_record(src, fmt, bits), fmt, low))
+        if stage == 0 and fmt.sink_tokens:
+            self.sink_rows(0).copy_(k[: fmt.sink_tokens])
+            self.sink_rows(1).copy_(v[: fmt.sink_tokens])
+            k, v = sink_stand_in(k, fmt.sink_tokens), sink_stand_in(v, fmt.sink_tokens)
         self.record(0, stage).copy_(encode_record(k, v, fmt, fmt.stairs[0][0]))
 
     def keys_values(self, closed: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V float32 [past, width] of positions [0, past) as the cache holds them: closed stages
-        dequantized from their stair, the open stage's fp16 rows."""
+        dequantized from their stair (the token sinks' rows from the slot), the open stage's fp16 rows."""
         ks, vs = [], []
         for j in range(closed):
             stair = 0 if j < self.fmt.sink else self.fmt.stair_of_age(closed - 1 - j)
@@ -393,7 +413,13 @@ class _SlotView:
         rows = past - closed * self.fmt.stage
         ks.append(self.tail(0)[: max(rows, 0)].float())
         vs.append(self.tail(1)[: max(rows, 0)].float())
-        return torch.cat(ks)[:past], torch.cat(vs)[:past]
+        k, v = torch.cat(ks)[:past], torch.cat(vs)[:past]
+        if closed and self.fmt.sink_tokens:
+            k[: self.fmt.sink_tokens], v[: self.fmt.sink_tokens] = (
+                self.sink_rows(0).float(),
+                self.sink_rows(1).float(),
+            )
+        return k, v
 
 
 def paged_attention_saq_ref(
