@@ -41,8 +41,21 @@ def test_parse_layout_and_errors():
     sunk = SaqFormat.parse("8:1,2;stage=64;sink=2;clip=2", 192)
     assert sunk.slot_bytes == 2 * 2 * 64 * 192 + 3 * sunk.record_bytes(8)  # two sink records + the ring
     assert sunk.ring_offset(0) == sunk.sink_offset + 2 * sunk.record_bytes(8)
+    tokens = SaqFormat.parse("8:1,2;stage=64;sink=1;sink_tokens=3", 192)
+    assert tokens.text() == "8:1,2;stage=64;v_group=32;sink=1;clip=0;sink_tokens=3"
+    assert SaqFormat.parse(tokens.text(), 192) == tokens
+    # the token sinks' fp16 K and V rows sit between the open stage and the sink records
+    assert (
+        tokens.sink_rows_offset == 2 * 2 * 64 * 192
+        and tokens.sink_offset == tokens.sink_rows_offset + 4 * 3 * 192
+    )
+    assert tokens.slot_bytes == sunk.slot_bytes - sunk.record_bytes(8) + 4 * 3 * 192
+    assert tokens.slot_ranges(63) == [(0, 2 * 63 * 192), (tokens.tail_bytes, 2 * 63 * 192)]  # still open
+    assert tokens.slot_ranges(64) == [(tokens.sink_rows_offset, 4 * 3 * 192 + tokens.record_bytes(8))]
     for spec, message in (
         ("8:1,3", "8, 4 or 2"),
+        ("8:1,2;stage=64;sink_tokens=64", "sink_tokens=64: use 0 up to stage - 1"),
+        ("8:1,2;sink_tokens=-1", "sink_tokens=N"),
         ("4:1,8", "must not increase"),
         ("8,2", "BITS:STAGES"),
         ("8:1,2;stage=12", "multiple of 8"),

@@ -47,6 +47,12 @@ def saq_artifact(tmp_path_factory) -> Path:
     return write_artifact(tmp_path_factory.mktemp("saq") / "artifact", saq_kv_cache())
 
 
+@pytest.fixture(scope="module")
+def token_sink_artifact(tmp_path_factory) -> Path:
+    """Two token sinks beside the staircase: their fp16 rows live in the slot once stage 0 closes."""
+    return write_artifact(tmp_path_factory.mktemp("saq") / "sinks", saq_kv_cache(SAQ + ";sink_tokens=2"))
+
+
 # -- pool tensors, bytes, layout ----------------------------------------------------------------------
 
 
@@ -351,11 +357,13 @@ def _scribble_unheld(engine: Engine, held: list[str], value: int = 0xFF) -> None
         pool[[i for i in range(len(pool)) if i not in mine]] = value
 
 
+@pytest.mark.parametrize("artifact", ["saq_artifact", "token_sink_artifact"])
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1], PROMPTS[3]], ids=["21", "8", "30"])
-def test_handoff_moves_records_and_slot(saq_artifact, monkeypatch, prompt):
+def test_handoff_moves_records_and_slot(artifact, monkeypatch, prompt, request):
     """Prefill on one engine, export (records of the prompt's bottom-stair stages, its slot's bytes in use),
     import on another whose blocks and slot ids differ and whose every other byte is garbage: the same
     tokens as one engine alone, and the imported bytes land in the receiving sequence's blocks and slot."""
+    saq_artifact = request.getfixturevalue(artifact)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     decode = spec_engine(saq_artifact, monkeypatch)
     expected = _solo(decode, prompt, params)
