@@ -5,8 +5,9 @@
 // kernel must match them; the comparison is tests/kernels/test_attention_cpu_saq.py, run on random inputs.
 //   inputs   0 q [B, S, Hq*D] T     1 k [B, S, W] T     2 v [B, S, W] T     (W = Hkv*D; T float or float16)
 //            3 kv_pool uint8 [NB, block_bytes]: one bottom-stair record per block (block_table names them)
-//            4 kv_slots uint8 [NSL, slot_bytes]: per sequence, the open stage (fp16 K and V tails), the sink
-//              records and the upper stairs' rings
+//            4 kv_slots uint8 [NSL, slot_bytes]: per sequence, the open stage (fp16 K and V tails), the token
+//              sinks (fp16 K and V rows of the first sink_tokens positions), the sink records and the upper
+//              stairs' rings
 //            5 block_table int32 [B, MB] (column j: logical stage j's block)   6 slot_mapping int64 [B, S] (unused)
 //            7 past_lens int32 [B]   8 total_lens int32 [B]   9 seq_slots int32 [B] (row b's slot)
 //   outputs  o [B, S, Hq*D] T, kv_pool_out, kv_slots_out (the updated pools, shaped as the inputs)
@@ -18,6 +19,9 @@
 // past + s - j < w. Attention reads positions < past from the cache as it was before this call, positions >=
 // past from the new K/V rounded to fp16; then the write: the open stage's rows and the new tokens form one run,
 // every stage it completes closes (older stages step down the stairs, bottom-most first), the rest is the tail.
+// Token sinks: when stage 0 closes, its first sink_tokens rows are kept fp16 in the slot's sink rows and its
+// record is quantized with row sink_tokens copied over them; once stage 0 has closed, positions < sink_tokens
+// are read from the sink rows, the rest of stage 0 from its record.
 // In place: the runtime binds each pool as both input and output; if ORT hands us another output buffer, the
 // input pool is copied into it first.
 //
@@ -30,18 +34,18 @@
 // How it runs. The codes are read where they lie; nothing dequantizes the whole cache. A work item is (row,
 // tile of query positions, contiguous key range) and covers every KV head, so each key chunk's records (K and
 // V codes of all heads side by side) are read once, front to back. Keys go in chunks of at most kChunk that
-// never cross a stage. Q K^T: a closed stage's chunk of K is unpacked head by head into a small fp32 buffer
-// (lo + code * scale per channel; vpermd + vpsrlvd on AVX-512) that FlashAttention's `dots` micro-kernel reads;
-// fp16 rows (the open stage in the slot, the new tokens rounded once per call) are widened into it. Online
-// softmax per chunk. P V: V is quantized per token per group, so within a group P V = (P * scale) codes +
-// P * lo, and `codes_times_rows` streams the codes themselves (no buffer) while the output rows stay in
-// registers; heads whose groups are not whole vectors dequantize V into a buffer instead. Long contexts are
-// split into key ranges until every hardware thread has kItemsPerThread items; the partial softmaxes are merged
-// at the end. Then the write, one row per item (a row's closes are sequential: each stage's cascade must see
-// the previous one's); closing a stage quantizes kVec groups at once (K: channels side by side; V: tokens).
-// Chunk and split sizes follow FlashAttention's decode. Measured on a 2-vCPU Zen 4 VM (AVX-512), 2026-11, one
-// thread, caches warm: a decode step at 4k context (9 / 3 heads, D 64, default spec) takes 1.24-1.29x the
-// fp16-pool FlashAttention's time (about 290 vs 230 us) for 4.3x fewer KV bytes; a step that closes a stage
+// never cross a stage (nor, once stage 0 has closed, position sink_tokens). Q K^T: a closed stage's chunk of K is
+// unpacked head by head into a small fp32 buffer (lo + code * scale per channel; vpermd + vpsrlvd on AVX-512) that
+// FlashAttention's `dots` micro-kernel reads; fp16 rows (the token sinks' and the open stage's in the slot, the new
+// tokens rounded once per call) are widened into it. Online softmax per chunk. P V: V is quantized per token per
+// group, so within a group P V = (P * scale) codes + P * lo, and `codes_times_rows` streams the codes themselves
+// (no buffer) while the output rows stay in registers; heads whose groups are not whole vectors dequantize V into a
+// buffer instead. Long contexts are split into key ranges until every hardware thread has kItemsPerThread items; the
+// partial softmaxes are merged at the end. Then the write, one row per item (a row's closes are sequential: each
+// stage's cascade must see the previous one's); closing a stage quantizes kVec groups at once (K: channels side by
+// side; V: tokens). Chunk and split sizes follow FlashAttention's decode. Measured on a 2-vCPU Zen 4 VM (AVX-512),
+// 2026-11, one thread, caches warm: a decode step at 4k context (9 / 3 heads, D 64, default spec) takes 1.24-1.29x
+// the fp16-pool FlashAttention's time (about 290 vs 230 us) for 4.3x fewer KV bytes; a step that closes a stage
 // about 0.8 ms. To re-tune, change kChunk, kItemsPerThread, kMinSplitKeys and time both ops in one process.
 
 #include "fastattention_cpu.h"
@@ -248,7 +252,7 @@ CallScratch& call_scratch() {
 }
 
 // Where a chunk of nk keys comes from: tokens [t0, t0 + nk) of a closed stage's record, or fp16 rows (row stride
-// W): the open stage's in the slot, or the new tokens.
+// W): the token sinks' or the open stage's in the slot, or the new tokens.
 struct KeyChunk {
   const uint8_t* record;  // nullptr: fp16 rows
   int bits;
@@ -350,9 +354,14 @@ struct Job {
     grow(call->partial, slots_used * partial_stride());  // every item initializes its own slot
   }
 
-  // The chunk of row b's keys that starts at n0 (at most kChunk, ending before kb and at the stage's end).
+  // The chunk of row b's keys that starts at n0 (at most kChunk, ending before kb and at the stage's end; the
+  // token sinks' rows, once stage 0 has closed, end at sink_tokens).
   KeyChunk key_chunk(int64_t b, int64_t n0, int64_t kb) const {
     const int64_t first = past[b] / fmt.stage, open = first * fmt.stage;  // closed stages before this call
+    if (n0 < fmt.sink_tokens && first > 0) {
+      const half* rows = reinterpret_cast<const half*>(slot(b) + fmt.sink_rows_offset()) + n0 * W;
+      return {nullptr, 0, 0, std::min({kChunk, fmt.sink_tokens - n0, kb - n0}), rows, rows + fmt.sink_tokens * W};
+    }
     if (n0 < open) {
       const int64_t j = n0 / fmt.stage;
       const size_t stair = j < fmt.sink ? 0 : fmt.stair_of_age(first - 1 - j);
@@ -561,8 +570,10 @@ struct Job {
 
   // Logical stage j closes with K, V [stage, W] (kernels/kv_saq.py, _SlotView.close): the stages leaving a stair
   // move one down, bottom-most first (so each ring entry is free before it is written), re-quantized from their
-  // dequantized values (equal widths: the bytes copied); sink stages stay. Then j takes the top stair.
-  void close(int64_t b, int64_t j, const float* k_stage, const float* v_stage, WriteScratch& sc) const {
+  // dequantized values (equal widths: the bytes copied); sink stages stay. Then j takes the top stair. Stage 0's
+  // first sink_tokens rows go to the slot's sink rows, and row sink_tokens takes their place in k_stage and
+  // v_stage (sink_stand_in) before they are quantized.
+  void close(int64_t b, int64_t j, float* k_stage, float* v_stage, WriteScratch& sc) const {
     for (size_t i = fmt.top(); i-- > 0;) {
       const int64_t leaving = j - fmt.first_age[i] - fmt.stages[i];  // its age becomes first_age[i + 1]
       if (leaving < fmt.sink) continue;  // none yet, or a sink stage
@@ -576,6 +587,16 @@ struct Job {
       float* old_v = grow(sc.old_v, fmt.stage * W);
       decode_record(fmt, src, fmt.bits[i], old_k, old_v);
       encode_record(fmt, old_k, old_v, fmt.bits[i + 1], dst, sc);
+    }
+    if (j == 0 && fmt.sink_tokens > 0) {
+      half* sink_k = reinterpret_cast<half*>(slot(b) + fmt.sink_rows_offset());
+      half* sink_v = sink_k + fmt.sink_tokens * W;
+      for (int64_t i = 0; i < fmt.sink_tokens * W; ++i)  // exact: the rows hold fp16 values
+        sink_k[i] = from_f32<half>(k_stage[i]), sink_v[i] = from_f32<half>(v_stage[i]);
+      for (int64_t r = 0; r < fmt.sink_tokens; ++r) {
+        std::copy_n(k_stage + fmt.sink_tokens * W, W, k_stage + r * W);
+        std::copy_n(v_stage + fmt.sink_tokens * W, W, v_stage + r * W);
+      }
     }
     encode_record(fmt, k_stage, v_stage, fmt.bits[0], record(b, 0, j), sc);
   }

@@ -19,12 +19,14 @@ constexpr double kClipRatios[] = {1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.
 
 // kernels/kv_formats.py, SaqFormat: stairs (bits, stages) from the newest closed stage down, the last one's
 // stages 0 ("all older"); `stage` tokens per closed stage; V lo/scale per `v_group` channels; the oldest `sink`
-// stages stay on the top stair for good; stairs of <= `clip` bits search a clipped range. The byte layout needs
-// the row width W: set_width(W) computes it for a call.
+// stages stay on the top stair for good; stairs of <= `clip` bits search a clipped range; the first
+// `sink_tokens` tokens stay fp16 for good (token sinks: read from the slot's sink rows once stage 0 has closed,
+// row sink_tokens standing in for them in stage 0's record). The byte layout needs the row width W: set_width(W)
+// computes it for a call.
 struct SaqFormat {
   std::vector<int> bits;
   std::vector<int64_t> stages;
-  int64_t stage = 64, v_group = 32, sink = 0, clip = 0;
+  int64_t stage = 64, v_group = 32, sink = 0, clip = 0, sink_tokens = 0;
   std::string spec;  // as given, for messages
   // layout (set_width)
   int64_t width = 0, groups = 0;  // channels of a K or V row; V groups per row
@@ -44,7 +46,8 @@ struct SaqFormat {
   int64_t record_bytes(int b) const { return v_codes(b) + stage * code_row(b); }
   int64_t block_bytes() const { return record_bytes(bits.back()); }
   int64_t tail_bytes() const { return 2 * stage * width; }  // the open stage's K (then V): fp16 [stage, W]
-  int64_t sink_offset() const { return 2 * tail_bytes(); }
+  int64_t sink_rows_offset() const { return 2 * tail_bytes(); }  // the token sinks' K (then V): [sink_tokens, W]
+  int64_t sink_offset() const { return sink_rows_offset() + 4 * sink_tokens * width; }  // the sink records
   int64_t slot_bytes() const { return ring.back(); }
   bool clipped(int b) const { return b <= clip; }
 
@@ -109,9 +112,9 @@ inline std::string parse_format(const std::string& spec, SaqFormat& f) {
     const std::string value = trim(eq == std::string::npos ? std::string() : parts[i].substr(eq + 1));
     int64_t number = 0;
     int64_t* field = key == "stage" ? &f.stage : key == "v_group" ? &f.v_group : key == "sink" ? &f.sink
-                     : key == "clip" ? &f.clip : nullptr;
+                     : key == "clip" ? &f.clip : key == "sink_tokens" ? &f.sink_tokens : nullptr;
     if (field == nullptr || !parse_count(value, number))
-      return message("SAQ option '", parts[i], "': use stage=N, v_group=N, sink=N or clip=BITS");
+      return message("SAQ option '", parts[i], "': use stage=N, v_group=N, sink=N, clip=BITS or sink_tokens=N");
     *field = number;
   }
   const std::vector<std::string> stairs = split(parts[0], ',');
@@ -137,6 +140,8 @@ inline std::string parse_format(const std::string& spec, SaqFormat& f) {
   if (f.v_group < 1) return message("SAQ v_group ", f.v_group, " must divide the KV width");
   if (f.clip != 0 && f.clip != 2 && f.clip != 4 && f.clip != 8)
     return message("SAQ clip=", f.clip, ": 0 (none) or the widest stair to clip (2, 4 or 8)");
+  if (f.sink_tokens < 0 || f.sink_tokens >= f.stage)
+    return message("SAQ sink_tokens=", f.sink_tokens, ": use 0 up to stage - 1 (", f.stage - 1, ")");
   return {};
 }
 

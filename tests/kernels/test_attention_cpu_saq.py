@@ -17,6 +17,7 @@ The module fixture builds the library if needed; without g++/npm the tests skip 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +38,9 @@ FORMATS = [
     "8:1,4:2,2;stage=8;v_group=16;sink=1;clip=2",
     "4;stage=16;v_group=32",
     "8:2,2;stage=8;sink=2;clip=4",
+    "8:1,4:2,2;stage=8;v_group=16;sink_tokens=1",  # token sinks (stage 0 on the bottom stair at last)
+    "8:1,4:2,2;stage=8;v_group=16;sink=1;clip=2;sink_tokens=3",  # token sinks inside a sink stage
+    "4;stage=16;v_group=32;sink_tokens=3",  # one stair: stage 0 paged from its close on
 ]
 
 
@@ -208,6 +212,7 @@ def test_steps_match_spec(spec, dtype, head_dim):
         (3, 3, 24, "8:1,2;stage=16;v_group=8;clip=2"),  # MHA, V groups narrower than a vector
         (4, 2, 6, "8:1,4:1,2;stage=8;v_group=4"),  # heads that start inside a byte of 2- and 4-bit codes
         (12, 1, 32, "4:1,2;stage=8;v_group=32;sink=1"),  # a group of 12 query heads
+        (6, 2, 40, "8:1,2;stage=8;v_group=20;sink_tokens=5"),  # token sinks, scalar tails
     ],
 )
 def test_odd_shapes(num_heads, num_kv_heads, head_dim, spec):
@@ -219,7 +224,7 @@ def test_odd_shapes(num_heads, num_kv_heads, head_dim, spec):
 
 
 @pytest.mark.parametrize("causal, sliding_window", [(True, 5), (True, 13), (False, 0), (False, 11)])
-@pytest.mark.parametrize("spec", [FORMATS[1], FORMATS[2]])
+@pytest.mark.parametrize("spec", [FORMATS[1], FORMATS[2], FORMATS[5]])
 def test_sliding_window_and_full_attention(spec, causal, sliding_window):
     batch = Batch(spec, causal=causal, sliding_window=sliding_window, rows=2, seed=sliding_window + causal)
     for new in [[11, 3], [1, 20], [1, 1], [17, 1], [1, 9], [1, 1]]:
@@ -235,6 +240,26 @@ def test_long_context_splits_keys(threads):
     for new in [[1100, 300], [1, 1], [1, 1], [1, 1], [48, 1], [1, 1]]:
         batch.step(new)
     assert batch.lens[0] == 9 * 128  # the last decode step closed stage 8
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "8:1,2;stage=8;v_group=16;sink_tokens=7",  # every row of stage 0 but the last one a token sink
+        "4:1,2;stage=16;v_group=16;sink=1;sink_tokens=3",
+        "8:2,4;stage=16;sink_tokens=1;clip=4",
+    ],
+)
+def test_token_sinks_through_the_close_of_stage_zero(spec):
+    """Row 0 decodes token by token through stage 0's close (its first rows move to the token sinks' rows),
+    row 1 closes it inside a prefill chunk that starts among the token sinks; the later steps read positions
+    < sink_tokens from the sink rows, the rest of stage 0 from its record, as it steps down the stairs."""
+    batch = Batch(spec, rows=2, max_stages=8, seed=len(spec))
+    stage = batch.fmt.stage
+    steps = [[1, 2]] + [[1, 0]] * (stage - 2) + [[1, stage + 3], [1, 1], [2 * stage + 5, 1], [1, 3 * stage]]
+    for new in steps + [[1, 1]] * 3:
+        batch.step(new)
+    assert min(batch.lens) // stage > batch.fmt.sink + batch.fmt.upper_stages  # stage 0 left the top stair
 
 
 def test_output_buffers_apart_from_the_inputs_get_a_copy():
@@ -323,6 +348,7 @@ def test_bad_inputs_are_errors_and_leave_the_pools_alone(corrupt):
         (dict(spec="8:1,2;stage=12"), r"SAQ stage of 12 tokens: use a multiple of 8"),
         (dict(spec="8,2"), r"every stair but the last needs BITS:STAGES"),
         (dict(spec="4;x=1"), r"SAQ option 'x=1': use stage=N"),
+        (dict(spec="8:1,2;stage=8;sink_tokens=8"), r"SAQ sink_tokens=8: use 0 up to stage - 1 \(7\)"),
         (dict(spec=""), r"saq is empty"),
         (
             dict(kv_format="int8", spec=FORMATS[0]),
@@ -330,13 +356,26 @@ def test_bad_inputs_are_errors_and_leave_the_pools_alone(corrupt):
         ),
         (dict(num_heads=3, spec=FORMATS[0]), r"num_heads=3 is not a multiple of num_kv_heads=2"),
     ],
-    ids=["width", "stage", "stairs", "option", "empty", "kv-format", "gqa"],
+    ids=["width", "stage", "stairs", "option", "sink-tokens", "empty", "kv-format", "gqa"],
 )
 def test_bad_attributes_fail_session_creation(attrs, message):
     spec = attrs.pop("spec")
     attrs = dict(num_heads=4, num_kv_heads=2, head_dim=32) | attrs
     with pytest.raises(RuntimeException, match=message):
         make_session(saq_model(TensorProto.FLOAT, spec=spec, **attrs))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["8:1,3;stage=8", "2,4", "8:1,2;stage=12", "8,2", "8:x,2", "4;x=1", "4;sink_tokens=-1", "4;clip=3",
+     "8:1,2;stage=8;sink_tokens=8", "4;stage=16;sink_tokens=99"],
+)  # fmt: skip
+def test_format_errors_are_the_specs(spec):
+    """The kernel's message for a bad spec holds SaqFormat.parse's, word for word."""
+    with pytest.raises(ValueError) as expected:
+        SaqFormat.parse(spec, 64)
+    with pytest.raises(RuntimeException, match=re.escape(str(expected.value))):
+        make_session(saq_model(TensorProto.FLOAT, num_heads=4, num_kv_heads=2, head_dim=32, spec=spec))
 
 
 def test_v_group_must_divide_the_width():
