@@ -10,7 +10,8 @@ the byte layout is ``kernels.kv_formats.SaqFormat``'s.
   rest padding (read by no key, never written). o [B, S, Hq*D] in q's dtype.
 - kv_pool uint8 [NB, fmt.block_bytes] (bottom-stair records, logical stage j of row b in block
   block_table[b, j]), kv_slots uint8 [NS, fmt.slot_bytes] (row b's slot seq_slots[b]: the open stage's
-  fp16 K and V, the sink records, the upper stairs' rings), both contiguous.
+  fp16 K and V, the token sinks' fp16 K and V rows, the sink records, the upper stairs' rings), both
+  contiguous.
 - block_table [B, max_blocks], past_lens, total_lens, seq_slots [B]: int32. Causal is bottom-right:
   query s of row b sits at past + s and sees keys j <= past + s, j < total; sliding window W > 0:
   also past + s - j < W. A query that sees no key outputs zeros.
@@ -31,7 +32,11 @@ gives its own output channels (stored strided). Smaller heads load each channel'
 (first channel in the low bits). K = code * k_scale + k_lo per channel of the stage, V = code * v_scale + v_lo
 per token and group, in fp16 (a fused multiply-add on the GPU: the exact value rounded once) for fp16 dots
 with fp32 accumulation. The open stage's rows come from the slot's fp16 tail (positions < past), the new
-tokens from k/v. The online softmax, the key range and the partial store are the fp16 decode kernel's helpers;
+tokens from k/v. Token sinks (fmt.sink_tokens = N): once stage 0 has closed, positions < N come from the
+slot's fp16 sink rows (an fp16 run like the open stage's) and the stair loops skip them (stage 0's record
+holds stand-ins there; H100, triton 3.6, 2026-11-26: the default format's read unchanged, 8:1,4:7,2 with
+sink_tokens=1 instead of sink=1 38 vs 41 us at B=1 and 138 vs 143 us at B=8, 8k tokens, 32/8 heads of 128).
+The online softmax, the key range and the partial store are the fp16 decode kernel's helpers;
 ``_decode_merge_kernel`` merges the splits. Split counts depend on shapes only: the read kernel can be
 captured in a CUDA graph. Any S works: S > ~16 (a prefill chunk) runs GROUP*S rows as row tiles of 64 that
 each re-read their keys (bounded by the tile's last query when causal); fine for chunks, not a prefill kernel.
@@ -41,9 +46,10 @@ head; other formats use ``attention_saq_torch``.
 Write path (``write_kv_saq``): torch on the device, after one read of the lengths to the host (a stage
 closes once per `stage` tokens of a row; the tail write is one indexed copy). Closing a stage is the
 spec's ``_SlotView.close``: stages leaving a stair move one down (bottom first), re-quantized from their
-dequantized values, then the new stage is encoded at the top stair. Clipped stairs search all ratios of
-SAQ_CLIP_RATIOS at once (``quantize_device``); sums run in another order than the spec's loop, so a
-near-tie may pick another ratio (the spec allows it; tests compare with a tolerance there).
+dequantized values, then the new stage is encoded at the top stair (stage 0 with token sinks: its first
+N rows copied to the sink rows, the record encoded from ``sink_stand_in``'s rows). Clipped stairs search
+all ratios of SAQ_CLIP_RATIOS at once (``quantize_device``); sums run in another order than the spec's
+loop, so a near-tie may pick another ratio (the spec allows it; tests compare with a tolerance there).
 
 GPU-only bug, fixed (2026-11-25, H100, triton 3.6): codes below 8 bits were unpacked by loading a row's
 bytes and interleaving the bit fields back with tl.join + tl.reshape. In the kernels compiled for some
@@ -272,6 +278,7 @@ def _saq_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SUB: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, STAGE: tl.constexpr, WIDTH: tl.constexpr, V_GROUP: tl.constexpr,
     HEAD_GROUPS: tl.constexpr, SINK: tl.constexpr, SINK_OFFSET: tl.constexpr,
+    SINK_TOKENS: tl.constexpr, SINK_ROWS_OFFSET: tl.constexpr, SINK_BLOCK_N: tl.constexpr,
     BITS0: tl.constexpr, COUNT0: tl.constexpr, RING0: tl.constexpr,
     BITS1: tl.constexpr, COUNT1: tl.constexpr, RING1: tl.constexpr,
     BITS2: tl.constexpr, COUNT2: tl.constexpr, RING2: tl.constexpr, BOTTOM_BITS: tl.constexpr,
@@ -307,6 +314,17 @@ def _saq_decode_kernel(
     c_hi = tl.minimum(end, closed * STAGE)  # this split's closed keys: [start, c_hi)
     j_lo = start // STAGE
     j_hi = tl.where(c_hi > start, (c_hi + STAGE - 1) // STAGE, j_lo)
+    r_lo = start  # the records' keys: [r_lo, c_hi)
+    if SINK_TOKENS > 0:
+        # token sinks: once stage 0 has closed, positions < SINK_TOKENS are the slot's fp16 sink rows (K
+        # rows, then V rows: an open run of SINK_TOKENS rows at closed = 0, all below past, in tiles of
+        # SINK_BLOCK_N); the stairs skip them
+        r_lo = tl.maximum(start, SINK_TOKENS)
+        sink_rows = (slot + SINK_ROWS_OFFSET).to(tl.pointer_type(tl.float16))
+        acc0, acc1, acc2, acc3, m_i, l_i = _open_run(
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, start, tl.minimum(c_hi, SINK_TOKENS),
+            past, 0, sink_rows, K_NEW, V_NEW, stride_ks, stride_vs, kv_h, qk_scale, window, SINK_TOKENS,
+            WIDTH, HEAD_DIM, SUB, SINK_BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
     # stair i holds the stages aged AGE_i .. AGE_i + COUNTi - 1 (AGE_i: the counts above it), i.e. logical
     # stages [closed - AGE_i - COUNTi, closed - AGE_i); sinks (< SINK) keep their records; the bottom the rest
     AGE1: tl.constexpr = COUNT0
@@ -316,34 +334,34 @@ def _saq_decode_kernel(
         lo = j_lo
         hi = tl.minimum(j_hi, SINK)
         acc0, acc1, acc2, acc3, m_i, l_i = _stair_run(
-            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, start, c_hi, slot, table, kv_h,
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, r_lo, c_hi, slot, table, kv_h,
             qk_scale, window, SINK_OFFSET, SINK, False, BITS0, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM,
             SUB, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
     if COUNT0 > 0:
         lo = tl.maximum(tl.maximum(closed - AGE1, SINK), j_lo)
         hi = tl.minimum(closed, j_hi)
         acc0, acc1, acc2, acc3, m_i, l_i = _stair_run(
-            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, start, c_hi, slot, table, kv_h,
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, r_lo, c_hi, slot, table, kv_h,
             qk_scale, window, RING0, COUNT0, False, BITS0, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM,
             SUB, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
     if COUNT1 > 0:
         lo = tl.maximum(tl.maximum(closed - AGE2, SINK), j_lo)
         hi = tl.minimum(closed - AGE1, j_hi)
         acc0, acc1, acc2, acc3, m_i, l_i = _stair_run(
-            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, start, c_hi, slot, table, kv_h,
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, r_lo, c_hi, slot, table, kv_h,
             qk_scale, window, RING1, COUNT1, False, BITS1, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM,
             SUB, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
     if COUNT2 > 0:
         lo = tl.maximum(tl.maximum(closed - AGE3, SINK), j_lo)
         hi = tl.minimum(closed - AGE2, j_hi)
         acc0, acc1, acc2, acc3, m_i, l_i = _stair_run(
-            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, start, c_hi, slot, table, kv_h,
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, r_lo, c_hi, slot, table, kv_h,
             qk_scale, window, RING2, COUNT2, False, BITS2, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM,
             SUB, BLOCK_N, CAUSAL, HAS_WINDOW)  # fmt: skip
     lo = tl.maximum(SINK, j_lo)
     hi = tl.minimum(closed - AGE3, j_hi)
     acc0, acc1, acc2, acc3, m_i, l_i = _stair_run(
-        acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, start, c_hi, POOL, table, kv_h,
+        acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, lo, hi, r_lo, c_hi, POOL, table, kv_h,
         qk_scale, window, 0, 1, True, BOTTOM_BITS, STAGE, WIDTH, V_GROUP, HEAD_GROUPS, HEAD_DIM, SUB, BLOCK_N,
         CAUSAL, HAS_WINDOW)  # fmt: skip
     tail = slot.to(tl.pointer_type(tl.float16))
@@ -436,6 +454,7 @@ def flash_attention_decode_saq(
         block_table.stride(0), o.stride(0), o.stride(1), kv_slots.stride(0),
         seq_q, kv_per_split, scale * LOG2E, sliding_window, num_kv_heads, row_tiles,
         GROUP=group, HEAD_DIM=head_dim, SUB=_sub_tiles(fmt, head_dim), BLOCK_R=block_r, BLOCK_N=block_n,
+        SINK_BLOCK_N=min(block_n, max(16, triton.next_power_of_2(fmt.sink_tokens))),  # dots take >= 16
         **_format_constants(fmt, head_dim),
         CAUSAL=causal, HAS_WINDOW=sliding_window > 0, SPLIT=split,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -465,7 +484,8 @@ def _format_constants(fmt: SaqFormat, head_dim: int) -> dict:
     upper += [(fmt.stairs[0][0], 0, 0)] * (MAX_STAIRS - 1 - len(upper))
     constants = dict(
         STAGE=fmt.stage, WIDTH=fmt.width, V_GROUP=fmt.v_group, HEAD_GROUPS=max(head_dim // fmt.v_group, 1),
-        SINK=fmt.sink, SINK_OFFSET=fmt.sink_offset, BOTTOM_BITS=fmt.stairs[-1][0],
+        SINK=fmt.sink, SINK_OFFSET=fmt.sink_offset, SINK_TOKENS=fmt.sink_tokens,
+        SINK_ROWS_OFFSET=fmt.sink_rows_offset, BOTTOM_BITS=fmt.stairs[-1][0],
     )  # fmt: skip
     for i, (bits, count, ring) in enumerate(upper):
         constants.update({f"BITS{i}": bits, f"COUNT{i}": count, f"RING{i}": ring})
@@ -591,14 +611,16 @@ def decode_records_device(
 def close_stage(view: _SlotView, stage: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """kernels.kv_saq._SlotView.close on the device: logical stage `stage` closes with (k, v) [stage,
     width]; the stages leaving a stair move one down, bottom first, re-quantized from what they hold
-    (equal widths copy bytes); sinks stay. Then the new stage is encoded at the top stair."""
+    (equal widths copy bytes); sinks stay. Then the new stage is encoded at the top stair (stage 0 with
+    token sinks: its first sink_tokens rows to the sink rows, the record from sink_stand_in's rows)."""
     close_stages([view], [stage], k[None], v[None])
 
 
 def close_stages(views: list[_SlotView], stages: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
     """close_stage for N sequences or layers at once (views[i] closes its logical stage stages[i] with
     k[i], v[i], [stage, width]): each stair's moves and the new stages are re-quantized in one batch.
-    Every view is another (layer, sequence): one stage closes per view."""
+    Every view is another (layer, sequence): one stage closes per view. k and v are only read (they
+    may not alias the slots' sink rows or records)."""
     fmt = views[0].fmt
     first_age = [sum(count for _, count in fmt.stairs[:i]) for i in range(len(fmt.stairs))]
     for i in range(len(fmt.stairs) - 2, -1, -1):
@@ -613,8 +635,28 @@ def close_stages(views: list[_SlotView], stages: list[int], k: torch.Tensor, v: 
             src = encode_records_device(*decode_records_device(torch.stack(src), fmt, bits), fmt, low)
         for target, record in zip(dst, src):
             target.copy_(record)
+    k, v = _keep_token_sinks(views, stages, k, v)
     for view, j, record in zip(views, stages, encode_records_device(k, v, fmt, fmt.stairs[0][0])):
         view.record(0, j).copy_(record)
+
+
+def _keep_token_sinks(
+    views: list[_SlotView], stages: list[int], k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views closing stage 0 copy its first sink_tokens rows of k and v into their sink rows (fp16);
+    returns the rows to encode: k, v with kernels.kv_saq.sink_stand_in applied to those stages (row
+    sink_tokens in rows 0..sink_tokens-1), new tensors (the caller's k, v are left as they are)."""
+    n = views[0].fmt.sink_tokens
+    first = [i for i, j in enumerate(stages) if j == 0]
+    if not n or not first:
+        return k, v
+    for i in first:
+        views[i].sink_rows(0).copy_(k[i, :n])
+        views[i].sink_rows(1).copy_(v[i, :n])
+    stand_in = torch.zeros(k.shape[:2], dtype=torch.bool)
+    stand_in[first, :n] = True
+    stand_in = stand_in.to(k.device)[..., None]
+    return torch.where(stand_in, k[:, n : n + 1], k), torch.where(stand_in, v[:, n : n + 1], v)
 
 
 def open_stage_tails(kv_slots: torch.Tensor, fmt: SaqFormat) -> torch.Tensor:

@@ -11,7 +11,7 @@ loads) at small shapes; with CUDA the same tests run on the device, plus the ``g
   scale + lo twice where the GPU fuses it).
 - The cache after the write equals the spec's byte for byte, except where the clipping search meets a
   near-tie (its sums run in another order): with clipping on, at most 1% of the record bytes differ.
-  The open stage (fp16 tails) is always exact.
+  The open stage (fp16 tails) and the token sinks' fp16 rows are always exact.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def check_output(o: torch.Tensor, ref: torch.Tensor, new_lens: list[int], where:
 
 
 def check_cache(fmt: SaqFormat, pool, slots, ref_pool, ref_slots, where: str = "") -> None:
-    tails = 2 * fmt.tail_bytes
-    assert torch.equal(slots[:, :tails], ref_slots[:, :tails]), f"{where}: open stage differs from the spec"
-    records = [(pool, ref_pool), (slots[:, tails:], ref_slots[:, tails:])]
+    rows = fmt.sink_offset  # the open stage's and the token sinks' fp16 rows
+    assert torch.equal(slots[:, :rows], ref_slots[:, :rows]), f"{where}: fp16 rows differ from the spec"
+    records = [(pool, ref_pool), (slots[:, rows:], ref_slots[:, rows:])]
     differing = sum((got != want).sum().item() for got, want in records)
     total = sum(got.numel() for got, _ in records)
     allowed = MAX_CLIPPED_MISMATCH * total if fmt.clip else 0
@@ -122,15 +122,20 @@ DECODE_CASES = [  # spec, (Hq, Hkv, D), q dtype, prefill lengths, decode steps
     ("8:1,4:2,2;stage=8;v_group=16;sink=1;clip=2", (4, 2, 64), torch.float16, [30, 11], 16),
     ("8:1,4:1,2;stage=16;v_group=32", (8, 1, 128), torch.float32, [40, 10], 12),
     ("4:2,2;stage=8;v_group=128;sink=2;clip=4", (8, 2, 64), torch.float16, [33, 3], 12),
+    # token sinks: row 0's stage 0 closes in a decode step, row 1's inside its chunk
+    ("8:1,4:2,2;stage=8;v_group=16;sink_tokens=3;clip=2", (4, 2, 64), torch.float16, [5, 25], 12),
+    ("4:2,2;stage=16;v_group=32;sink=1;sink_tokens=1", (4, 1, 128), torch.float32, [15, 60], 10),
 ]
 
 
 @pytest.mark.parametrize(
-    "spec, heads, dtype, prefill, steps", DECODE_CASES, ids=["sink-clip", "gqa8", "wide-v"]
-)
+    "spec, heads, dtype, prefill, steps", DECODE_CASES,
+    ids=["sink-clip", "gqa8", "wide-v", "token-sinks", "token-sink-in-sink-d128"],
+)  # fmt: skip
 def test_decode_token_by_token_matches_spec(spec, heads, dtype, prefill, steps):
     """A prefill chunk per row (several stages close in one call; 8 heads x 40 tokens run as five row
-    tiles), then token-by-token decode across stage closes, the cascade and the bottom stair."""
+    tiles), then token-by-token decode across stage closes, the cascade and the bottom stair. Token
+    sinks: stage 0 closes during decode in one row, inside the prefill chunk in the other."""
     seqs = Sequences(spec, *heads, dtype=dtype)
     seqs.step(prefill)
     for _ in range(steps):
@@ -159,6 +164,19 @@ def test_read_options_and_split_counts(num_splits, options):
     ref = paged_attention_saq_ref(q.float(), k, v, *args, fmt=seqs.fmt, **seqs.heads, **options)[0]
     o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
                                    num_splits=num_splits, **options)  # fmt: skip
+    check_output(o.cpu(), ref, [2, 1])
+
+
+@pytest.mark.parametrize("options", [dict(causal=False), dict(sliding_window=11)], ids=["full", "window"])
+def test_read_of_token_sinks(options):
+    """The read alone over token sinks (5 of a stage of 8) in three splits: row 0 far past them (the
+    window leaves them out), row 1's window starting inside them (positions 2.. of 12 past)."""
+    seqs = Sequences("8:1,4:1,2;stage=8;v_group=16;sink_tokens=5;clip=2", 4, 2, 64, seed=10)
+    seqs.fill([37, 12])
+    (q, k, v), args = seqs.read_inputs([2, 1])
+    ref = paged_attention_saq_ref(q.float(), k, v, *args, fmt=seqs.fmt, **seqs.heads, **options)[0]
+    o = flash_attention_decode_saq(*[x.to(DEVICE) for x in (q, k, v, *args)], fmt=seqs.fmt, **seqs.heads,
+                                   num_splits=3, **options)  # fmt: skip
     check_output(o.cpu(), ref, [2, 1])
 
 
@@ -262,11 +280,16 @@ def test_read_rejects_bad_inputs(change, message):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spec",
+    ["8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2", "8:1,4:10,2;stage=128;v_group=64;sink_tokens=1;clip=2"],
+    ids=["default", "token-sink"],
+)
 @pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)], ids=["32-8-128", "9-3-64"])
-def test_default_format_on_the_gpu(heads):
-    """The default format (stage 128, one sink, 2-bit clipping): prefill chunks of 700 and 300 tokens,
-    then decode steps across the second row's stage close at 384."""
-    seqs = Sequences("8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2", *heads, max_blocks=16, seed=7)
+def test_default_format_on_the_gpu(heads, spec):
+    """The default format (stage 128, one sink, 2-bit clipping) and a token-sink one: prefill chunks of
+    700 and 300 tokens, then decode steps across the second row's stage close at 384."""
+    seqs = Sequences(spec, *heads, max_blocks=16, seed=7)
     seqs.step([700, 300])
     seqs.step([300, 80])
     for _ in range(6):

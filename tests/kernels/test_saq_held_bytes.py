@@ -37,6 +37,7 @@ FORMATS = [
     "8:2,2;stage=8;v_group=16;sink=2",
     "4;stage=8;v_group=16;sink=1",  # one stair: every closed stage but the sink goes straight to the bottom
     "4:1,2;stage=8;v_group=16",
+    "8:1,4:2,2;stage=8;v_group=16;sink_tokens=3;clip=2",  # token sinks: their rows held once stage 0 closes
 ]
 GARBAGE = 0xFF
 

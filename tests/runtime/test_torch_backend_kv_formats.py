@@ -218,18 +218,25 @@ def test_triton_quant_attention_matches_spec(kv_format, case):
 # -- SAQ decode steps from CUDA graphs --------------------------------------------------------------
 
 
-def _saq_decode_case(seed: int):
-    """One layer's cache of three rows (16-token stages, 8:1,4:1,2 with a sink: sinks, rings and bottom
-    records) and a step of one new token per row plus a padding row (scratch slot 0, past 0, total 1,
-    scratch blocks). Row 0's token completes stage 4 (stages 3 and 2 step down), row 1's stage 2 (stage
-    1 steps down, sink stage 0 stays), row 2 stays in its open stage."""
+SAQ_GRAPH_CASES = {  # format, each row's past length
+    # row 0's token completes stage 4 (stages 3 and 2 step down), row 1's stage 2 (stage 1 steps down,
+    # sink stage 0 stays), row 2 stays in its open stage
+    "sink": ("8:1,4:1,2;stage=16;v_group=32;sink=1;clip=2", [79, 47, 5]),
+    # token sinks: row 1's token completes stage 0 (its first 3 rows to the sink rows)
+    "token-sinks": ("8:1,4:1,2;stage=16;v_group=32;sink_tokens=3;clip=2", [79, 15, 5]),
+}
+
+
+def _saq_decode_case(seed: int, spec: str, past: list[int]):
+    """One layer's cache of three rows (16-token stages, 8:1,4:1,2: sinks, rings and bottom records) of
+    `past` tokens and a step of one new token per row plus a padding row (scratch slot 0, past 0, total 1,
+    scratch blocks)."""
     from kernels.kv_formats import SaqFormat
     from kernels.kv_saq import paged_attention_saq_ref
 
     torch.manual_seed(seed)
     heads, kv_heads, head_dim = 4, 2, 32
-    fmt = SaqFormat.parse("8:1,4:1,2;stage=16;v_group=32;sink=1;clip=2", kv_heads * head_dim)
-    past = [79, 47, 5]
+    fmt = SaqFormat.parse(spec, kv_heads * head_dim)
     pool = torch.zeros(12, fmt.block_bytes, dtype=torch.uint8)
     slots = torch.zeros(5, fmt.slot_bytes, dtype=torch.uint8)
     table = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0], [9, 10, 0, 0, 0]], dtype=torch.int32)
@@ -257,11 +264,13 @@ def _saq_decode_case(seed: int):
     return inputs, attrs
 
 
-def test_saq_graph_step_and_batched_close_equal_the_spec():
+@pytest.mark.parametrize("case", SAQ_GRAPH_CASES)
+def test_saq_graph_step_and_batched_close_equal_the_spec(case):
     """What a CUDA graph of an SAQ decode step runs, layer by layer (SaqAttention.graph_step: the Triton
     read, the interpreter on the CPU, and the open-stage write with no host read), then the stages the
     step completed closed in one batch over both layers and rows (close_stages): each layer's output and
-    cache are the spec's (open stages byte for byte; records bar clipping near-ties, <= 1% of bytes)."""
+    cache are the spec's (open stages and token sinks byte for byte; records bar clipping near-ties, <= 1%
+    of bytes)."""
     pytest.importorskip("triton")
     from kernels.kv_saq import paged_attention_saq_ref
     from runtime.backends.onnxruntime import StepBatch
@@ -269,7 +278,7 @@ def test_saq_graph_step_and_batched_close_equal_the_spec():
     from runtime.backends.torch_quant_kv import SaqAttention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layers = [_saq_decode_case(seed) for seed in (5, 6)]
+    layers = [_saq_decode_case(seed, *SAQ_GRAPH_CASES[case]) for seed in (5, 6)]
     fmt = layers[0][1]["fmt"]
     attention = SaqAttention(torch.device(device), use_kernel=True)
     assert attention.graphable(fmt, 32)
@@ -288,15 +297,16 @@ def test_saq_graph_step_and_batched_close_equal_the_spec():
     assert closes_stage(batch, fmt.stage)
     assert not closes_stage(dataclasses.replace(batch, past_lens=past + 1, total_lens=past + 2), fmt.stage)
     attention.close_stages(pools, batch, fmt)
-    tails = 2 * fmt.tail_bytes
+    tails, records = 2 * fmt.tail_bytes, fmt.sink_offset
     for (_, ref_pool, ref_slots), pool, slots in zip(references, pools[0::2], pools[1::2]):
         pool, slots = pool.cpu(), slots[1:].cpu()  # slot 0: scratch (the padding row)
         for b, n in enumerate(total[:3] % fmt.stage):  # the open stages' rows in use (the rest: unread)
             got, want = (x[seq_slots[b] - 1, :tails].view(torch.float16).view(2, fmt.stage, -1)[:, :n]
                          for x in (slots, ref_slots[1:]))  # fmt: skip
             assert torch.equal(got, want)
-        differ = (pool != ref_pool).sum() + (slots[:, tails:] != ref_slots[1:, tails:]).sum()
-        assert differ <= 0.01 * (pool.numel() + slots[:, tails:].numel()), f"{differ} record bytes differ"
+        assert torch.equal(slots[:, tails:records], ref_slots[1:, tails:records]), "token sinks differ"
+        differ = (pool != ref_pool).sum() + (slots[:, records:] != ref_slots[1:, records:]).sum()
+        assert differ <= 0.01 * (pool.numel() + slots[:, records:].numel()), f"{differ} record bytes differ"
 
 
 @pytest.mark.gpu
