@@ -273,6 +273,7 @@ def main(argv=None) -> int:
         result = compare(engines, eval_ids(first, args.tokens), args.window, args.chunk)
         result["greedy_agreement_256"] = greedy_agreement(engines)
         result["kv_bytes_per_token"] = {n: e.artifact.kv_bytes_per_token for n, e in engines.items()}
+        result["kv_spec"] = {n: e.artifact.kv_spec for n, e in engines.items()}
         model = first.artifact.model
         fp16 = bytes_per_token("fp16", model.num_layers, model.num_kv_heads * model.head_dim, model.head_dim)
         at_window = {n: kv_bytes_at(e, args.window) for n, e in engines.items()}

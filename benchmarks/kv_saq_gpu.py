@@ -1,12 +1,13 @@
 """SAQ staircase decode on one GPU vs the fp16 split-KV decode kernel, same process, same K/V.
 
-    python -m benchmarks.kv_saq_gpu [--quick] [--no-tune] [--out PATH]
+    python -m benchmarks.kv_saq_gpu [--quick] [--no-tune] [--spec SAQ] [--out PATH]
 
 - **decode**: one query token per row, B in {1, 8}, N in {8k, 32k}, 32 query / 8 KV heads of 128 and
-  9 / 3 heads of 64, fp16 q, SAQ format SPEC. Providers: ``fp16`` (kernels/attention_triton_decode.py
-  over an fp16 pool of 16-token blocks, shuffled block table) and ``saq`` (the read kernel of
-  kernels/attention_triton_saq.py over the staircase the write path built from the same K/V: tokens
-  0..N-2 in the cache, token N-1 the step's new k/v, as the node sees it). The method of
+  9 / 3 heads of 64, fp16 q, SAQ format --spec (default SAQ_DEFAULT). Providers: ``fp16``
+  (kernels/attention_triton_decode.py over an fp16 pool of 16-token blocks, shuffled block table) and
+  ``saq`` (the read kernel of kernels/attention_triton_saq.py over the staircase the write path built
+  from the same K/V: tokens 0..N-2 in the cache, token N-1 the step's new k/v, as the node sees it). The
+  method of
   benchmarks/kv_quant_gpu.py: each call rotates over enough copies of the cache that the KV in flight
   is >= 4x the L2 size; time per call = the median over 15 replays of a CUDA graph of 20 calls, timed
   with CUDA events. GB/s counts what a call must read and write: fp16 K/V, or the records at their
@@ -45,11 +46,10 @@ from kernels.attention_triton_saq import (
     paged_attention_saq,
     write_kv_saq,
 )
-from kernels.kv_formats import SaqFormat
+from kernels.kv_formats import SAQ_DEFAULT, SaqFormat
 from kernels.kv_saq import _SlotView
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_saq_gpu.json"
-SPEC = "8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2"
 HEADS = [(32, 8, 128), (9, 3, 64)]  # Hq, Hkv, D
 BLOCK_SIZE = 16  # the fp16 pool's
 BATCHES = [1, 8]
@@ -220,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tune", action="store_true", help="use SAQ_DECODE_CONFIGS as they are")
     parser.add_argument("--quick", action="store_true", help="N=8k only")
+    parser.add_argument("--spec", default=SAQ_DEFAULT, help="SaqFormat.parse text")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     env = environment()
     results = dict(
         environment=env,
-        spec=SPEC,
+        spec=args.spec,
         command="python -m benchmarks.kv_saq_gpu " + " ".join(argv or sys.argv[1:]),
     )
     results.update(configs={}, tuning={}, decode=[], write=[])
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 
     for heads in HEADS:
-        fmt = SaqFormat.parse(SPEC, heads[1] * heads[2])
+        fmt = SaqFormat.parse(args.spec, heads[1] * heads[2])
         config = SAQ_DECODE_CONFIGS[heads[2]]
         if not args.no_tune:
             tuned = guarded(results, f"tune_{heads}", tune, heads, fmt, env["l2_bytes"])

@@ -103,7 +103,7 @@ inline std::string parse_format(const std::string& spec, SaqFormat& f) {
   f.spec = spec;
   if (trim(spec).empty())
     return "saq is empty: it must hold the format's spec, SaqFormat.text() (e.g. "
-           "'8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2')";
+           "'8:1,4:11,2;stage=64;v_group=64;sink=0;clip=2;sink_tokens=3')";
   std::vector<std::string> parts = split(spec, ';');
   for (std::string& part : parts) part = trim(part);
   for (size_t i = 1; i < parts.size(); ++i) {

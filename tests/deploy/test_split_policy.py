@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.kv_formats import SAQ_DEFAULT, SaqFormat
+from kernels.kv_formats import SaqFormat
 from runtime.errors import ConfigError
 from services.common.config import GatewayConfig
 from services.gateway.split_policy import SplitPolicy
@@ -61,7 +61,8 @@ def test_gateway_config_checks_the_policy_fields():
         SplitPolicy.from_config(GatewayConfig(split_policy="auto"), kv_bytes_per_token=0)
 
 
-SMOLLM2_SAQ = SaqFormat.parse(SAQ_DEFAULT, 3 * 64)  # the default staircase over SmolLM2-135M's KV width
+# a staircase of 128-token stages over SmolLM2-135M's KV width
+SMOLLM2_SAQ = SaqFormat.parse("8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2", 3 * 64)
 
 
 def saq_handoff_bytes(n: int) -> int:

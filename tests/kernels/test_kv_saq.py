@@ -142,10 +142,12 @@ def test_sink_tokens_stay_fp16_outside_stage_zero_ranges():
 
 @pytest.mark.slow
 def test_embedded_model_accuracy_bar(reference_model, smollm2_fp32):
-    """SAQ 8/4/2 on the embedded model at >= 5x less KV memory than fp16 at 4k context: a guard on the
-    dPPL vs an fp16 cache over 2048 held-out tokens. The issue's bar (dPPL <= 0.3 at 4k) is NOT met:
-    benchmarks/results/kv_accuracy_saq.json measures 0.64 at 5.0x over 2 x 4096 tokens (the 2-bit stair
-    holds 70% of the tokens; an all-4-bit staircase is lossless but saves 3.4x). Measured here: 0.11."""
+    """The served default staircase (SAQ_DEFAULT, an 8/4/2 one) on the embedded model: >= 5x less KV than
+    fp16 for a 4096-token sequence, counted as the runtime allocates it (its slot, with the whole fp16
+    open stage, and its bottom-stair blocks), and a guard on the dPPL vs an fp16 cache over the first 2048
+    held-out tokens (the reference cache, same schedule and Hadamard rotation as the served graph). The
+    issue's bar over >= 50k tokens is measured by benchmarks.kv_accuracy on a served artifact
+    (benchmarks/results/kv_accuracy_saq_served.json: 0.299 at 5.001x). Measured here: 0.033."""
     import numpy as np
 
     from benchmarks.kv_accuracy import (
@@ -155,24 +157,28 @@ def test_embedded_model_accuracy_bar(reference_model, smollm2_fp32):
         reference_chunk_logits,
     )
     from exporters.calibration import stdlib_text
+    from kernels.kv_formats import SAQ_DEFAULT, SaqFormat
     from runtime.artifact import load_artifact
     from runtime.tokenizer import Tokenizer
 
-    schedule = SaqSchedule.parse("8:1,4:7,2", stage=128, v_group=64, sink=1, rotate="kv")
+    cfg = reference_model.config
+    width = cfg.num_kv_heads * cfg.head_dim
+    fmt = SaqFormat.parse(SAQ_DEFAULT, width)
+    held = fmt.slot_bytes + len(fmt.bottom_stages(4096)) * fmt.block_bytes
+    assert 4096 * width * 2 * 2 / held >= 5.0
+    schedule = SaqSchedule.parse(
+        fmt.stairs_text, stage=fmt.stage, v_group=fmt.v_group, sink=fmt.sink, rotate="kv", clip=fmt.clip,
+        sink_tokens=fmt.sink_tokens,
+    )  # fmt: skip
     tokenizer = Tokenizer.from_file(load_artifact(smollm2_fp32, verify=False).tokenizer_file)
     ids = tokenizer.encode(stdlib_text(EVAL_MODULES), add_special_tokens=False)[:2048]
     nll = {}
     for name, plan in (("fp16", None), ("saq", schedule)):
         caches = reference_caches(reference_model, plan)
         losses, offset = [], 0
-        for logits in reference_chunk_logits(reference_model, ids, caches, 64):
+        for logits in reference_chunk_logits(reference_model, ids, caches, fmt.stage):
             targets = np.array(ids[offset + 1 : offset + 1 + len(logits)])
             losses += (-log_softmax(logits)[np.arange(len(targets)), targets]).tolist()
             offset += len(logits)
         nll[name] = float(np.exp(np.mean(losses)))
     assert nll["saq"] - nll["fp16"] <= 0.3, nll
-    cfg = reference_model.config
-    width = cfg.num_kv_heads * cfg.head_dim
-    cache = SaqCache(schedule, width, head_dim=cfg.head_dim)
-    cache.append(torch.randn(4096, width), torch.randn(4096, width))
-    assert 4096 * width * 2 * 2 / cache.nbytes() >= 5.0
