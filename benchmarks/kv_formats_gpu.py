@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stagger", type=int, default=16, help="row b's prompt: b x N tokens shorter")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="graphs,eager", help="graphs and/or eager decode steps")
     parser.add_argument("--kv-cache-mib", type=int, default=4096)
     parser.add_argument("--output", default="benchmarks/results/kv_formats_gpu.json")
     args = parser.parse_args(argv)
@@ -97,16 +98,17 @@ def main(argv=None) -> int:
     for name, path in (item.split("=", 1) for item in args.artifacts):
         entry = results.setdefault(name, {"artifact": path})
         for batch in (int(b) for b in args.batches.split(",")):
-            for graphs in (True, False):
+            for graphs in [mode == "graphs" for mode in args.modes.split(",")]:
                 row = measure(path, graphs, batch, args)
                 entry[f"B{batch}_{'graphs' if graphs else 'eager'}"] = row
                 print(
                     f"{name:>6} B={batch:<2} graphs={graphs!s:<5} {row['decode_tok_s']:8.1f} tok/s",
                     flush=True,
                 )
-            entry[f"B{batch}_graph_speedup"] = (
-                entry[f"B{batch}_graphs"]["decode_tok_s"] / entry[f"B{batch}_eager"]["decode_tok_s"]
-            )
+            if f"B{batch}_graphs" in entry and f"B{batch}_eager" in entry:
+                entry[f"B{batch}_graph_speedup"] = (
+                    entry[f"B{batch}_graphs"]["decode_tok_s"] / entry[f"B{batch}_eager"]["decode_tok_s"]
+                )
     base = next(iter(results.values()))
     for entry in results.values():
         entry["vs_first"] = {
