@@ -168,6 +168,22 @@ def _record_v_params(rec16, r, row_ok, kv_h, STAGE: tl.constexpr, WIDTH: tl.cons
 
 
 @triton.jit
+def _attend_tile(s, v0, v1, v2, v3, acc0, acc1, acc2, acc3, m_i, l_i, pos_k, k_ok, pos_q, qk_scale, window,
+                 SUB: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """One key tile's scores s (the sum of the sub-tiles' dots) through the online softmax, then P.V into
+    each sub-tile's accumulator (acc_i, V sub-tile v_i: channels SUB * j + i; acc1..3 unused when SUB = 1)."""
+    p, alpha, m_i, l_i = _softmax_step(s * qk_scale, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL,
+                                       HAS_WINDOW)  # fmt: skip
+    p = p.to(tl.float16)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+    if SUB == 4:
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None])
+        acc3 = tl.dot(p, v3, acc3 * alpha[:, None])
+    return acc0, acc1, acc2, acc3, m_i, l_i
+
+
+@triton.jit
 def _stair_run(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, j_lo, j_hi, p_lo, p_hi, BASE, TABLE,
                kv_h, qk_scale, window, OFFSET: tl.constexpr, COUNT: tl.constexpr, IN_POOL: tl.constexpr,
                BITS: tl.constexpr, STAGE: tl.constexpr, WIDTH: tl.constexpr, V_GROUP: tl.constexpr,
@@ -197,6 +213,7 @@ def _stair_run(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, j_lo, j_
         k0, v0 = _record_sub_tile(rec, rec16, k_rows, row_ok, v_lo, v_scale, kv_h, 0, BITS, STAGE, WIDTH,
                                   HEAD_DIM, SUB)  # fmt: skip
         s = tl.dot(q0, tl.trans(k0))
+        v1, v2, v3 = v0, v0, v0  # unused when SUB = 1
         if SUB == 4:
             k1, v1 = _record_sub_tile(rec, rec16, k_rows, row_ok, v_lo, v_scale, kv_h, 1, BITS, STAGE, WIDTH,
                                       HEAD_DIM, SUB)  # fmt: skip
@@ -207,14 +224,9 @@ def _stair_run(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, j_lo, j_
             k3, v3 = _record_sub_tile(rec, rec16, k_rows, row_ok, v_lo, v_scale, kv_h, 3, BITS, STAGE, WIDTH,
                                       HEAD_DIM, SUB)  # fmt: skip
             s = tl.dot(q3, tl.trans(k3), s)
-        p, alpha, m_i, l_i = _softmax_step(s * qk_scale, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL,
-                                           HAS_WINDOW)  # fmt: skip
-        p = p.to(tl.float16)
-        acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
-        if SUB == 4:
-            acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
-            acc2 = tl.dot(p, v2, acc2 * alpha[:, None])
-            acc3 = tl.dot(p, v3, acc3 * alpha[:, None])
+        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tile(
+            s, v0, v1, v2, v3, acc0, acc1, acc2, acc3, m_i, l_i, pos_k, k_ok, pos_q, qk_scale, window, SUB,
+            CAUSAL, HAS_WINDOW)  # fmt: skip
     return acc0, acc1, acc2, acc3, m_i, l_i
 
 
@@ -249,6 +261,7 @@ def _open_run(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, p_lo, p_h
         k0, v0 = _open_sub_tile(TAIL, K_NEW, V_NEW, stride_ks, stride_vs, tail_row, new_row, old, new,
                                 kv_h, 0, STAGE, WIDTH, HEAD_DIM, SUB)  # fmt: skip
         s = tl.dot(q0, tl.trans(k0))
+        v1, v2, v3 = v0, v0, v0  # unused when SUB = 1
         if SUB == 4:
             k1, v1 = _open_sub_tile(TAIL, K_NEW, V_NEW, stride_ks, stride_vs, tail_row, new_row, old, new,
                                     kv_h, 1, STAGE, WIDTH, HEAD_DIM, SUB)  # fmt: skip
@@ -259,14 +272,9 @@ def _open_run(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, pos_q, p_lo, p_h
             k3, v3 = _open_sub_tile(TAIL, K_NEW, V_NEW, stride_ks, stride_vs, tail_row, new_row, old, new,
                                     kv_h, 3, STAGE, WIDTH, HEAD_DIM, SUB)  # fmt: skip
             s = tl.dot(q3, tl.trans(k3), s)
-        p, alpha, m_i, l_i = _softmax_step(s * qk_scale, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL,
-                                           HAS_WINDOW)  # fmt: skip
-        p = p.to(tl.float16)
-        acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
-        if SUB == 4:
-            acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
-            acc2 = tl.dot(p, v2, acc2 * alpha[:, None])
-            acc3 = tl.dot(p, v3, acc3 * alpha[:, None])
+        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tile(
+            s, v0, v1, v2, v3, acc0, acc1, acc2, acc3, m_i, l_i, pos_k, k_ok, pos_q, qk_scale, window, SUB,
+            CAUSAL, HAS_WINDOW)  # fmt: skip
     return acc0, acc1, acc2, acc3, m_i, l_i
 
 
