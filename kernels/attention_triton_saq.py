@@ -83,7 +83,7 @@ from kernels.attention_triton_decode import (
     _store_result,
 )
 from kernels.kv_formats import SAQ_CLIP_RATIOS, SaqFormat
-from kernels.kv_saq import _pack, _SlotView, _unpack
+from kernels.kv_saq import _pack, _SlotView, _unpack, sink_stand_in
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -652,19 +652,18 @@ def _keep_token_sinks(
     views: list[_SlotView], stages: list[int], k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The views closing stage 0 copy its first sink_tokens rows of k and v into their sink rows (fp16);
-    returns the rows to encode: k, v with kernels.kv_saq.sink_stand_in applied to those stages (row
-    sink_tokens in rows 0..sink_tokens-1), new tensors (the caller's k, v are left as they are)."""
+    returns the rows to encode: k, v with kernels.kv_saq.sink_stand_in applied to those stages, new
+    tensors (the caller's k, v are left as they are)."""
     n = views[0].fmt.sink_tokens
     first = [i for i, j in enumerate(stages) if j == 0]
     if not n or not first:
         return k, v
+    k, v = k.clone(), v.clone()
     for i in first:
         views[i].sink_rows(0).copy_(k[i, :n])
         views[i].sink_rows(1).copy_(v[i, :n])
-    stand_in = torch.zeros(k.shape[:2], dtype=torch.bool)
-    stand_in[first, :n] = True
-    stand_in = stand_in.to(k.device)[..., None]
-    return torch.where(stand_in, k[:, n : n + 1], k), torch.where(stand_in, v[:, n : n + 1], v)
+        k[i], v[i] = sink_stand_in(k[i], n), sink_stand_in(v[i], n)
+    return k, v
 
 
 def open_stage_tails(kv_slots: torch.Tensor, fmt: SaqFormat) -> torch.Tensor:
