@@ -32,7 +32,7 @@ from kernels.attention_triton_saq import (  # noqa: E402
     paged_attention_saq,
     quantize_device,
 )
-from kernels.kv_formats import SaqFormat  # noqa: E402
+from kernels.kv_formats import SAQ_DEFAULT, SaqFormat  # noqa: E402
 from kernels.kv_saq import paged_attention_saq_ref, quantize_asym  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,13 +282,18 @@ def test_read_rejects_bad_inputs(change, message):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "spec",
-    ["8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2", "8:1,4:10,2;stage=128;v_group=64;sink_tokens=1;clip=2"],
-    ids=["default", "token-sink"],
+    [
+        SAQ_DEFAULT,
+        "8:1,4:7,2;stage=128;v_group=64;sink=1;clip=2",
+        "8:1,4:10,2;stage=128;v_group=64;sink_tokens=1;clip=2",
+    ],
+    ids=["default", "stage128-sink", "stage128-token-sink"],
 )
 @pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)], ids=["32-8-128", "9-3-64"])
 def test_default_format_on_the_gpu(heads, spec):
-    """The default format (stage 128, one sink, 2-bit clipping) and a token-sink one: prefill chunks of
-    700 and 300 tokens, then decode steps across the second row's stage close at 384."""
+    """The default format (SAQ_DEFAULT: 64-token stages, three token sinks, 2-bit clipping) and two with
+    128-token stages (a sink stage, a token sink): prefill chunks of 700 and 300 tokens, then decode steps
+    across the second row's stage close at 384."""
     seqs = Sequences(spec, *heads, max_blocks=16, seed=7)
     seqs.step([700, 300])
     seqs.step([300, 80])
