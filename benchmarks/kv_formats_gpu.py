@@ -92,13 +92,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-cache-mib", type=int, default=4096)
     parser.add_argument("--output", default="benchmarks/results/kv_formats_gpu.json")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if not modes or not set(modes) <= {"graphs", "eager"}:
+        parser.error(f"--modes {args.modes!r}: a comma-separated list of graphs and eager")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     results = {}
     for name, path in (item.split("=", 1) for item in args.artifacts):
         entry = results.setdefault(name, {"artifact": path})
         for batch in (int(b) for b in args.batches.split(",")):
-            for graphs in [mode == "graphs" for mode in args.modes.split(",")]:
+            for graphs in [mode == "graphs" for mode in modes]:
                 row = measure(path, graphs, batch, args)
                 entry[f"B{batch}_{'graphs' if graphs else 'eager'}"] = row
                 print(

@@ -7,9 +7,8 @@
   (kernels/attention_triton_decode.py over an fp16 pool of 16-token blocks, shuffled block table) and
   ``saq`` (the read kernel of kernels/attention_triton_saq.py over the staircase the write path built
   from the same K/V: tokens 0..N-2 in the cache, token N-1 the step's new k/v, as the node sees it). The
-  method of
-  benchmarks/kv_quant_gpu.py: each call rotates over enough copies of the cache that the KV in flight
-  is >= 4x the L2 size; time per call = the median over 15 replays of a CUDA graph of 20 calls, timed
+  method of benchmarks/kv_quant_gpu.py: each call rotates over enough copies of the cache that the KV in
+  flight is >= 4x the L2 size; time per call = the median over 15 replays of a CUDA graph of 20 calls, timed
   with CUDA events. GB/s counts what a call must read and write: fp16 K/V, or the records at their
   stairs' widths + the open stage's fp16 rows + the new k/v; q and o for both. Cosine: the SAQ o vs
   the fp16 kernel's o, flattened, and the least over (row, head).
