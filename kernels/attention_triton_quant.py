@@ -37,6 +37,14 @@ and ``kernels.attention_triton_decode._decode_merge_kernel`` merges the splits (
 A program's first tile starts on a BLOCK_N boundary, so a tile's rows sit at fixed slots of whole pages
 and need no mask (keys past the range read block 0's finite codes, with zero scales).
 
+Where the time goes (H100; SASS of the tuned 128-key, 4-warp programs, 2026-11-26): the int8 loop issues
+747 instructions per warp per tile (160 convert V, 64 are tensor-core ops, 13 barriers; most of the rest
+is the softmax and scaling of a 16-row tile that holds 4 real rows at GQA 4 and one query token), int4
+1089 (452 convert K and V). At about 0.3 instructions issued per scheduler cycle these counts bound the
+time, not bytes (B8 32k: int8 reads 2.5 TB/s, int4 1.3). Tried and slower: every warp owning its own
+keys (3-D dots, no cross-warp softmax: 876 instructions at 253 registers, 250-313 us vs 214), and V
+converted to 1152 + code (dropping the f16x2 subtraction; summing the correction costs what it saves).
+
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
 bit for bit as ``quantize_kv_ref`` (fp32 divisions correctly rounded, round-half-even, no FMA fusion).
@@ -81,27 +89,33 @@ class QuantDecodeConfig:
     maxnreg: int | None = None  # register cap per thread (None: the compiler's choice)
 
 
-# Tile configs by format, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) on 2026-11-25
-# by `python -m benchmarks.kv_quant_gpu --decode-only` (times QUANT_CANDIDATES at B=8, N=32k, 32/8 heads
-# of 128, and records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same
+# Tile configs by format, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) by
+# `python -m benchmarks.kv_quant_gpu --decode-only` (times QUANT_CANDIDATES at B=8, N=32k, 32/8 heads of
+# 128, and records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same
 # command. The kernels are latency-bound (ncu on their previous revision, 2026-11-25: 0.31 warp
 # instructions issued per scheduler cycle, 2.4 warps resident per scheduler), so occupancy pays: register
 # caps (int8 223.6 us at 128 vs 231.7 us uncapped; int4 240.3 us at 168, three programs per SM, vs 268.8
-# us), and splits for one full wave of 3 programs per SM rather than 2 (int8 272.3 us).
+# us), and splits for one full wave of 3 programs per SM rather than 2 (int8 272.3 us). A wider sweep on
+# 2026-11-26 (same card, 26 configs, B8 32k / B1 8k / B8 8k): int8 with a 2-deep pipeline 215.3 / 15.4 /
+# 62.7 us vs 222.6 / 15.4 / 64.9 for 3 deep; 8 warps, 256-key tiles and 4 programs per SM (a 128-key
+# int8 program takes 74 KB of shared memory, so the fourth does not fit) were all slower, by 10-60%; int4
+# 64-key tiles of 2 warps, 8 programs per SM, tie at B8 32k (245.6-246.2 vs 247.6-249.5 us) and lose
+# at B1 8k (17.8 vs 16.3) and B8 8k (73.5 vs 69.2), so they are not a candidate.
 QUANT_DECODE_CONFIGS = {
-    "int8": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=128),
+    "int8": QuantDecodeConfig(128, 4, 2, programs_per_sm=3, maxnreg=128),
     "int4": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=168),
 }
 QUANT_CANDIDATES = {
     "int8": [
+        QuantDecodeConfig(128, 4, 2, 3, 128),
         QuantDecodeConfig(128, 4, 3, 3, 128),
         QuantDecodeConfig(128, 4, 3, 3),
-        QuantDecodeConfig(128, 4, 3, 2),
+        QuantDecodeConfig(64, 2, 3, 6),
     ],
     "int4": [
         QuantDecodeConfig(128, 4, 3, 3, 168),
+        QuantDecodeConfig(128, 4, 4, 3, 168),
         QuantDecodeConfig(128, 4, 3, 3),
-        QuantDecodeConfig(64, 4, 3, 4, 128),
     ],
 }
 INTERPRETER_CONFIG = QuantDecodeConfig(16, 1, 1, 4)  # 4 programs on the interpreter's 4 "SMs": tests split
