@@ -42,8 +42,12 @@ Where the time goes (H100; SASS of the tuned 128-key, 4-warp programs, 2026-11-2
 is the softmax and scaling of a 16-row tile that holds 4 real rows at GQA 4 and one query token), int4
 1089 (452 convert K and V). At about 0.3 instructions issued per scheduler cycle these counts bound the
 time, not bytes (B8 32k: int8 reads 2.5 TB/s, int4 1.3). Tried and slower: every warp owning its own
-keys (3-D dots, no cross-warp softmax: 876 instructions at 253 registers, 250-313 us vs 214), and V
-converted to 1152 + code (dropping the f16x2 subtraction; summing the correction costs what it saves).
+keys (3-D dots, no cross-warp softmax: 876 instructions at 253 registers, 250-313 us vs 214); V
+converted to 1152 + code (dropping the f16x2 subtraction; summing the correction costs what it saves);
+and the tiles every row sees in full run in a loop of their own without the mask (10-12% fewer
+instructions there, yet int8 only 2.5% faster at B8 32k and 4% slower at B1 8k, int4 7% slower, the fp16
+kernel no faster): so the loops are latency-bound rather than issue-bound, and counting instructions
+does not predict them.
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
