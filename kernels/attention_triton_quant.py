@@ -47,7 +47,12 @@ converted to 1152 + code (dropping the f16x2 subtraction; summing the correction
 and the tiles every row sees in full run in a loop of their own without the mask (10-12% fewer
 instructions there, yet int8 only 2.5% faster at B8 32k and 4% slower at B1 8k, int4 7% slower, the fp16
 kernel no faster): so the loops are latency-bound rather than issue-bound, and counting instructions
-does not predict them.
+does not predict them. ncu at B8 32k (2026-11-26): int8 reads DRAM at 75% of peak (fp16 86%), 2.9 warps
+resident and 0.4 eligible per scheduler; its stall samples are long scoreboard 30%, short scoreboard 22%,
+wait 15%, barrier 9% (a quarter of all samples on one barrier behind global-memory data); int4 is short
+scoreboard 34% (shared memory and conversion chains) at DRAM 30%. Loading every head's scales of a key
+as one 16-byte asynchronous copy (instead of one 2-byte gather per key) and picking the column in
+registers made int8 26% slower.
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
