@@ -52,7 +52,13 @@ resident and 0.4 eligible per scheduler; its stall samples are long scoreboard 3
 wait 15%, barrier 9% (a quarter of all samples on one barrier behind global-memory data); int4 is short
 scoreboard 34% (shared memory and conversion chains) at DRAM 30%. Loading every head's scales of a key
 as one 16-byte asynchronous copy (instead of one 2-byte gather per key) and picking the column in
-registers made int8 26% slower.
+registers made int8 26% slower. The barrier was the loop's head: with the block-table lookup in the same
+iteration as the code loads it feeds, Triton issued a tile's copies at the end of the iteration before
+and waited for all of them at the top (SASS: the copies at 88-99% of the loop body, `DEPBAR.LE SB0, 0x0`
+at its head, for 2 and 3 stages alike), so no copy was in flight while a program computed. The int8
+kernel therefore fetches the next tile's entries one iteration ahead; its copies are then num_stages - 1
+tiles deep (`DEPBAR.LE SB0, 0x2` at 3 stages), which with the retuned tiles (QUANT_DECODE_CONFIGS) gained
+4-7% at B8 and B1 32k.
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
@@ -101,25 +107,26 @@ class QuantDecodeConfig:
 # Tile configs by format, tuned on an NVIDIA H100 80GB HBM3 (sm_90, triton 3.6, torch 2.11) by
 # `python -m benchmarks.kv_quant_gpu --decode-only` (times QUANT_CANDIDATES at B=8, N=32k, 32/8 heads of
 # 128, and records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same
-# command. The kernels are latency-bound (ncu on their previous revision, 2026-11-25: 0.31 warp
-# instructions issued per scheduler cycle, 2.4 warps resident per scheduler), so occupancy pays: register
-# caps (int8 223.6 us at 128 vs 231.7 us uncapped; int4 240.3 us at 168, three programs per SM, vs 268.8
-# us), and splits for one full wave of 3 programs per SM rather than 2 (int8 272.3 us). A wider sweep on
-# 2026-11-26 (same card, 26 configs, B8 32k / B1 8k / B8 8k): int8 with a 2-deep pipeline 215.3 / 15.4 /
-# 62.7 us vs 222.6 / 15.4 / 64.9 for 3 deep; 8 warps, 256-key tiles and 4 programs per SM (a 128-key
-# int8 program takes 74 KB of shared memory, so the fourth does not fit) were all slower, by 10-60%; int4
-# 64-key tiles of 2 warps, 8 programs per SM, tie at B8 32k (245.6-246.2 vs 247.6-249.5 us) and lose
-# at B1 8k (17.8 vs 16.3) and B8 8k (73.5 vs 69.2), so they are not a candidate.
+# command. The kernels are latency-bound (module docstring), so occupancy and copies in flight pay:
+# register caps (int4 240.3 us at 168, three programs per SM, vs 268.8 us uncapped), splits for one full
+# wave. int8, 2026-11-26 (same card): with the block table fetched a tile ahead, 64-key tiles of 2 warps,
+# 3 deep, 4 programs per SM (55 KB of shared memory each): B8 32k 204.1-205.5 us vs 214.8 for the
+# earlier kernel's best (128 keys, 4 warps, 2 deep), B8 8k 59.4 vs 61.8, B1 32k 35.2 vs 37.7, B1 8k
+# 15.6 vs 15.5; 1-warp programs of 32 keys tie at B8 (205.7), lose at B1 32k (38.2). The same prefetch
+# made int4 2-4% slower and the fp16 kernel 4-20% slower at B8 (6% faster at B1 8k), so they keep the
+# lookup in the loop. Earlier (2026-11-26, 26 configs): 8 warps, 256-key tiles and 4 programs of 128 keys
+# per SM were 10-60% slower; int4 64-key tiles of 2 warps at 8 programs per SM tie at B8 32k and lose at
+# B1 8k (17.8 vs 16.3 us) and B8 8k (73.5 vs 69.2).
 QUANT_DECODE_CONFIGS = {
-    "int8": QuantDecodeConfig(128, 4, 2, programs_per_sm=3, maxnreg=128),
+    "int8": QuantDecodeConfig(64, 2, 3, programs_per_sm=4),
     "int4": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=168),
 }
 QUANT_CANDIDATES = {
     "int8": [
+        QuantDecodeConfig(64, 2, 3, 4),
+        QuantDecodeConfig(32, 1, 3, 7),
+        QuantDecodeConfig(128, 4, 3, 2, 128),
         QuantDecodeConfig(128, 4, 2, 3, 128),
-        QuantDecodeConfig(128, 4, 3, 3, 128),
-        QuantDecodeConfig(128, 4, 3, 3),
-        QuantDecodeConfig(64, 2, 3, 6),
     ],
     "int4": [
         QuantDecodeConfig(128, 4, 3, 3, 168),
@@ -233,10 +240,16 @@ def _decode_int8_kernel(
     # tile row i: page block_table[(n + i) // PAGE_SIZE], slot n % PAGE_SIZE + i % PAGE_SIZE (n aligned)
     k_tile = (offs_n % PAGE_SIZE)[:, None] * stride_kt + kv_h * HEAD_DIM + offs_d[None, :]
     v_tile = (offs_n % PAGE_SIZE)[:, None] * stride_vt + kv_h * HEAD_DIM + offs_d[None, :]
+    # the block-table entries of the next tile are fetched one iteration ahead: with the lookup and the
+    # code loads in one iteration, Triton issued the tile's copies at the end of the iteration before and
+    # waited for all of them at the top (no copy in flight while computing); fetched ahead, the copies are
+    # pipelined num_stages - 1 tiles deep (module docstring, "where the time goes")
+    block = tl.load(table + (start + offs_n) // PAGE_SIZE, mask=start + offs_n < end, other=0).to(tl.int64)
     for n in range(start, end, BLOCK_N):
         pos_k = n + offs_n
         k_ok = pos_k < end
-        block = tl.load(table + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        next_k = pos_k + BLOCK_N
+        block_next = tl.load(table + next_k // PAGE_SIZE, mask=next_k < end, other=0).to(tl.int64)
         first = n % PAGE_SIZE
         slot = first + offs_n % PAGE_SIZE
         k = _load_codes(K_CODES + block * stride_kb + first * stride_kt, k_tile, d_ok, HEAD_DIM, BLOCK_D)
@@ -248,6 +261,7 @@ def _decode_int8_kernel(
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
         p_scaled = (p * v_scale.to(tl.float32)[None, :]).to(tl.float16)
         acc = tl.dot(p_scaled, _int8_to_f16(v, FAST), acc * alpha[:, None])
+        block = block_next
 
     _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
                   s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
