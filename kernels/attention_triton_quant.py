@@ -37,28 +37,31 @@ and ``kernels.attention_triton_decode._decode_merge_kernel`` merges the splits (
 A program's first tile starts on a BLOCK_N boundary, so a tile's rows sit at fixed slots of whole pages
 and need no mask (keys past the range read block 0's finite codes, with zero scales).
 
-Where the time goes (H100; SASS of the tuned 128-key, 4-warp programs, 2026-11-26): the int8 loop issues
-747 instructions per warp per tile (160 convert V, 64 are tensor-core ops, 13 barriers; most of the rest
-is the softmax and scaling of a 16-row tile that holds 4 real rows at GQA 4 and one query token), int4
-1089 (452 convert K and V). At about 0.3 instructions issued per scheduler cycle these counts bound the
-time, not bytes (B8 32k: int8 reads 2.5 TB/s, int4 1.3). Tried and slower: every warp owning its own
-keys (3-D dots, no cross-warp softmax: 876 instructions at 253 registers, 250-313 us vs 214); V
-converted to 1152 + code (dropping the f16x2 subtraction; summing the correction costs what it saves);
-and the tiles every row sees in full run in a loop of their own without the mask (10-12% fewer
+Where the time goes (H100, 2026-11-26; SASS of the 128-key, 4-warp programs tuned before the prefetch
+below): the int8 loop issues 747 instructions per warp per tile (160 convert V, 64 are tensor-core ops, 13
+barriers; most of the rest is the softmax and scaling of a 16-row tile that holds 4 real rows at GQA 4 and
+one query token), int4 1089 (452 convert K and V). At about 0.3 instructions issued per scheduler cycle
+these counts bound the time, not bytes (B8 32k: int8 reads 2.5 TB/s, int4 1.3). Tried and slower: every
+warp owning its own keys (3-D dots, no cross-warp softmax: 876 instructions at 253 registers, 250-313 us
+vs 214); V converted to 1152 + code (dropping the f16x2 subtraction; summing the correction costs what it
+saves); and the tiles every row sees in full run in a loop of their own without the mask (10-12% fewer
 instructions there, yet int8 only 2.5% faster at B8 32k and 4% slower at B1 8k, int4 7% slower, the fp16
-kernel no faster): so the loops are latency-bound rather than issue-bound, and counting instructions
-does not predict them. ncu at B8 32k (2026-11-26): int8 reads DRAM at 75% of peak (fp16 86%), 2.9 warps
+kernel no faster): so the loops are latency-bound rather than issue-bound, and counting instructions does
+not predict them. ncu at B8 32k (2026-11-26): int8 reads DRAM at 75% of peak (fp16 86%), 2.9 warps
 resident and 0.4 eligible per scheduler; its stall samples are long scoreboard 30%, short scoreboard 22%,
 wait 15%, barrier 9% (a quarter of all samples on one barrier behind global-memory data); int4 is short
-scoreboard 34% (shared memory and conversion chains) at DRAM 30%. Loading every head's scales of a key
-as one 16-byte asynchronous copy (instead of one 2-byte gather per key) and picking the column in
-registers made int8 26% slower. The barrier was the loop's head: with the block-table lookup in the same
-iteration as the code loads it feeds, Triton issued a tile's copies at the end of the iteration before
-and waited for all of them at the top (SASS: the copies at 88-99% of the loop body, `DEPBAR.LE SB0, 0x0`
-at its head, for 2 and 3 stages alike), so no copy was in flight while a program computed. The int8
-kernel therefore fetches the next tile's entries one iteration ahead; its copies are then num_stages - 1
-tiles deep (`DEPBAR.LE SB0, 0x2` at 3 stages), which with the retuned tiles (QUANT_DECODE_CONFIGS) gained
-4-7% at B8 and B1 32k.
+scoreboard 34% (shared memory and conversion chains) at DRAM 30%. Loading every head's scales of a key as
+one 16-byte asynchronous copy (instead of one 2-byte gather per key) and picking the column in registers
+made int8 26% slower. The barrier was the loop's head: with the block-table lookup in the same iteration
+as the code loads it feeds, Triton issued a tile's copies at the end of the iteration before and waited
+for all of them at the top (SASS: the copies at 88-99% of the loop body, `DEPBAR.LE SB0, 0x0` at its head,
+for 2 and 3 stages alike), so no copy was in flight while a program computed. The int8 kernel therefore
+fetches the next tile's entries one iteration ahead; its copies are then num_stages - 1 tiles deep
+(`DEPBAR.LE SB0, 0x2` at 3 stages), which with the retuned tiles (QUANT_DECODE_CONFIGS) gained 4-7% at B8
+and B1 32k. Then a quarter of the stall samples sat on one shared-memory store of a scale loaded in the
+same iteration (a 2-byte gather is a plain load, not an asynchronous copy, so the store waited out its
+whole latency); fetching the next tile's scales a tile ahead too gained another 5-7% (B8 32k 192.5 us,
+1.89x the fp16 kernel).
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
@@ -109,14 +112,16 @@ class QuantDecodeConfig:
 # 128, and records them in benchmarks/results/kv_quant_gpu.json). Re-tune on another card with the same
 # command. The kernels are latency-bound (module docstring), so occupancy and copies in flight pay:
 # register caps (int4 240.3 us at 168, three programs per SM, vs 268.8 us uncapped), splits for one full
-# wave. int8, 2026-11-26 (same card): with the block table fetched a tile ahead, 64-key tiles of 2 warps,
-# 3 deep, 4 programs per SM (55 KB of shared memory each): B8 32k 204.1-205.5 us vs 214.8 for the
-# earlier kernel's best (128 keys, 4 warps, 2 deep), B8 8k 59.4 vs 61.8, B1 32k 35.2 vs 37.7, B1 8k
-# 15.6 vs 15.5; 1-warp programs of 32 keys tie at B8 (205.7), lose at B1 32k (38.2). The same prefetch
-# made int4 2-4% slower and the fp16 kernel 4-20% slower at B8 (6% faster at B1 8k), so they keep the
-# lookup in the loop. Earlier (2026-11-26, 26 configs): 8 warps, 256-key tiles and 4 programs of 128 keys
-# per SM were 10-60% slower; int4 64-key tiles of 2 warps at 8 programs per SM tie at B8 32k and lose at
-# B1 8k (17.8 vs 16.3 us) and B8 8k (73.5 vs 69.2).
+# wave. int8, 2026-11-26 (same card), with the next tile's block-table entries and scales fetched a tile
+# ahead: 64-key tiles of 2 warps, 3 deep, 4 programs per SM (55 KB of shared memory each) take 192.5-194.0
+# us at B8 32k, 55.8 at B8 8k, 32.5 at B1 32k, 14.7 at B1 8k, against 204-206 / 59.4-59.8 / 35.0-35.2 /
+# 15.6 with the entries alone fetched ahead and 214.8 / 61.8 / 37.7 / 15.5 with neither (then 128-key
+# tiles of 4 warps, 2 deep, were best); 1-warp programs of 32 keys, 128-key tiles and 4-deep pipelines
+# were all slower. The same prefetch made int4 28-57% slower (its scales are per byte, [keys, groups, 1])
+# and the fp16 kernel 4-20% slower at B8, so they keep the lookup in the loop. Earlier (2026-11-26, 26
+# configs): 8 warps, 256-key tiles and 4 programs of 128 keys per SM were 10-60% slower; int4 64-key
+# tiles of 2 warps at 8 programs per SM tie at B8 32k and lose at B1 8k (17.8 vs 16.3 us) and B8 8k (73.5
+# vs 69.2).
 QUANT_DECODE_CONFIGS = {
     "int8": QuantDecodeConfig(64, 2, 3, programs_per_sm=4),
     "int4": QuantDecodeConfig(128, 4, 3, programs_per_sm=3, maxnreg=168),
@@ -240,32 +245,51 @@ def _decode_int8_kernel(
     # tile row i: page block_table[(n + i) // PAGE_SIZE], slot n % PAGE_SIZE + i % PAGE_SIZE (n aligned)
     k_tile = (offs_n % PAGE_SIZE)[:, None] * stride_kt + kv_h * HEAD_DIM + offs_d[None, :]
     v_tile = (offs_n % PAGE_SIZE)[:, None] * stride_vt + kv_h * HEAD_DIM + offs_d[None, :]
-    # the block-table entries of the next tile are fetched one iteration ahead: with the lookup and the
-    # code loads in one iteration, Triton issued the tile's copies at the end of the iteration before and
-    # waited for all of them at the top (no copy in flight while computing); fetched ahead, the copies are
-    # pipelined num_stages - 1 tiles deep (module docstring, "where the time goes")
-    block = tl.load(table + (start + offs_n) // PAGE_SIZE, mask=start + offs_n < end, other=0).to(tl.int64)
+    # the next tile's block-table entries and scales are fetched one iteration ahead: with the lookup in
+    # the iteration whose code loads it feeds, Triton issued a tile's copies at the end of the iteration
+    # before and waited for all of them at its head, and the 2-byte scale gathers (no asynchronous copy
+    # that small) stalled the iteration that used them (module docstring, "where the time goes")
+    strides = (stride_ksb, stride_kst, stride_vsb, stride_vst)
+    block = _table_entries(table, start + offs_n, end, PAGE_SIZE)
+    k_scale, v_scale = _int8_scales(K_SCALES, V_SCALES, block, start, offs_n, end, kv_h, strides, PAGE_SIZE)
     for n in range(start, end, BLOCK_N):
         pos_k = n + offs_n
         k_ok = pos_k < end
-        next_k = pos_k + BLOCK_N
-        block_next = tl.load(table + next_k // PAGE_SIZE, mask=next_k < end, other=0).to(tl.int64)
         first = n % PAGE_SIZE
-        slot = first + offs_n % PAGE_SIZE
+        block_next = _table_entries(table, pos_k + BLOCK_N, end, PAGE_SIZE)
+        k_scale_next, v_scale_next = _int8_scales(
+            K_SCALES, V_SCALES, block_next, n + BLOCK_N, offs_n, end, kv_h, strides, PAGE_SIZE
+        )
         k = _load_codes(K_CODES + block * stride_kb + first * stride_kt, k_tile, d_ok, HEAD_DIM, BLOCK_D)
         v = _load_codes(V_CODES + block * stride_vb + first * stride_vt, v_tile, d_ok, HEAD_DIM, BLOCK_D)
-        k_scale = tl.load(K_SCALES + block * stride_ksb + slot * stride_kst + kv_h, mask=k_ok, other=0.0)
-        v_scale = tl.load(V_SCALES + block * stride_vsb + slot * stride_vst + kv_h, mask=k_ok, other=0.0)
         s = (tl.dot(q_hi, tl.trans(k)) * Q_LO_STEPS + tl.dot(q_lo, tl.trans(k))).to(tl.float32)
         s = s * row_scale[:, None] * k_scale.to(tl.float32)[None, :]
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL, HAS_WINDOW)
         p_scaled = (p * v_scale.to(tl.float32)[None, :]).to(tl.float16)
         acc = tl.dot(p_scaled, _int8_to_f16(v, FAST), acc * alpha[:, None])
-        block = block_next
+        block, k_scale, v_scale = block_next, k_scale_next, v_scale_next
 
     _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
                   s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
                   HEAD_DIM, BLOCK_D, BLOCK_R, SPLIT, RETURN_LSE, True)  # fmt: skip
+
+
+@triton.jit
+def _table_entries(table, pos_k, end, PAGE_SIZE: tl.constexpr):
+    """The pool block of each key position (block 0 from `end` on), int64."""
+    return tl.load(table + pos_k // PAGE_SIZE, mask=pos_k < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _int8_scales(K_SCALES, V_SCALES, block, n, offs_n, end, kv_h, strides, PAGE_SIZE: tl.constexpr):
+    """Head kv_h's K and V scales of the keys n + offs_n (n tile-aligned) in their blocks, 0 from `end` on;
+    strides: the scale pools' (block, slot) strides, K's then V's."""
+    stride_ksb, stride_kst, stride_vsb, stride_vst = strides
+    k_ok = n + offs_n < end
+    slot = n % PAGE_SIZE + offs_n % PAGE_SIZE
+    k_scale = tl.load(K_SCALES + block * stride_ksb + slot * stride_kst + kv_h, mask=k_ok, other=0.0)
+    v_scale = tl.load(V_SCALES + block * stride_vsb + slot * stride_vst + kv_h, mask=k_ok, other=0.0)
+    return k_scale, v_scale
 
 
 @triton.jit
