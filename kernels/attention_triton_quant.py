@@ -117,8 +117,9 @@ class QuantDecodeConfig:
 # us at B8 32k, 55.8 at B8 8k, 32.5 at B1 32k, 14.7 at B1 8k, against 204-206 / 59.4-59.8 / 35.0-35.2 /
 # 15.6 with the entries alone fetched ahead and 214.8 / 61.8 / 37.7 / 15.5 with neither (then 128-key
 # tiles of 4 warps, 2 deep, were best); 1-warp programs of 32 keys, 128-key tiles and 4-deep pipelines
-# were all slower. The same prefetch made int4 28-57% slower (its scales are per byte, [keys, groups, 1])
-# and the fp16 kernel 4-20% slower at B8, so they keep the lookup in the loop. Earlier (2026-11-26, 26
+# were all slower. The same prefetch made int4 28-57% slower (its scales are per byte, [keys, groups, 1];
+# loaded as one 8-byte row per key and carried ahead instead, still 6-25% slower at B8) and the fp16
+# kernel 4-20% slower at B8, so they keep the lookup in the loop. Earlier (2026-11-26, 26
 # configs): 8 warps, 256-key tiles and 4 programs of 128 keys per SM were 10-60% slower; int4 64-key
 # tiles of 2 warps at 8 programs per SM tie at B8 32k and lose at B1 8k (17.8 vs 16.3 us) and B8 8k (73.5
 # vs 69.2).
