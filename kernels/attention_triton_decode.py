@@ -89,6 +89,12 @@ def _key_range(PAST_LENS, TOTAL_LENS, b, split, seq_q, kv_per_split, window, CAU
 
 
 @triton.jit
+def _table_entries(table, pos_k, end, PAGE_SIZE: tl.constexpr):
+    """The pool block of each key position (block 0 from `end` on), int64."""
+    return tl.load(table + pos_k // PAGE_SIZE, mask=pos_k < end, other=0).to(tl.int64)
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, pos_k, k_ok, pos_q, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Mask a tile of base-2 scores and advance the online softmax: (p, alpha, m_new, l_new)."""
     visible = k_ok[None, :]
@@ -159,7 +165,7 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         pos_k = n + tl.arange(0, BLOCK_N)
         k_ok = pos_k < end
-        block = tl.load(table + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        block = _table_entries(table, pos_k, end, PAGE_SIZE)
         slot = pos_k % PAGE_SIZE
         kv_ok = k_ok[:, None] & d_ok[None, :]
         col = kv_h * HEAD_DIM + offs_d[None, :]

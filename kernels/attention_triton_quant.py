@@ -88,6 +88,7 @@ from kernels.attention_triton_decode import (
     _sm_count,
     _softmax_step,
     _store_result,
+    _table_entries,
 )
 from kernels.kv_formats import INT4_GROUP, KV_QUANT_FORMATS, code_width, group_size
 
@@ -246,10 +247,8 @@ def _decode_int8_kernel(
     # tile row i: page block_table[(n + i) // PAGE_SIZE], slot n % PAGE_SIZE + i % PAGE_SIZE (n aligned)
     k_tile = (offs_n % PAGE_SIZE)[:, None] * stride_kt + kv_h * HEAD_DIM + offs_d[None, :]
     v_tile = (offs_n % PAGE_SIZE)[:, None] * stride_vt + kv_h * HEAD_DIM + offs_d[None, :]
-    # the next tile's block-table entries and scales are fetched one iteration ahead: with the lookup in
-    # the iteration whose code loads it feeds, Triton issued a tile's copies at the end of the iteration
-    # before and waited for all of them at its head, and the 2-byte scale gathers (no asynchronous copy
-    # that small) stalled the iteration that used them (module docstring, "where the time goes")
+    # the next tile's block-table entries and scales are fetched one iteration ahead, so that the code
+    # copies pipeline and the scale gathers' latency is hidden (module docstring, "where the time goes")
     strides = (stride_ksb, stride_kst, stride_vsb, stride_vst)
     block = _table_entries(table, start + offs_n, end, PAGE_SIZE)
     k_scale, v_scale = _int8_scales(K_SCALES, V_SCALES, block, start, offs_n, end, kv_h, strides, PAGE_SIZE)
@@ -273,12 +272,6 @@ def _decode_int8_kernel(
     _store_result(acc, offs_d, m_i, l_i, OUT, LSE, O_PART, M_PART, L_PART, b64, kv_h, row_tile, split, rows,
                   s_idx, head, row_ok, stride_ob, stride_os, seq_q, NUM_KV_HEADS, NUM_ROW_TILES, GROUP,
                   HEAD_DIM, BLOCK_D, BLOCK_R, SPLIT, RETURN_LSE, True)  # fmt: skip
-
-
-@triton.jit
-def _table_entries(table, pos_k, end, PAGE_SIZE: tl.constexpr):
-    """The pool block of each key position (block 0 from `end` on), int64."""
-    return tl.load(table + pos_k // PAGE_SIZE, mask=pos_k < end, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -361,7 +354,7 @@ def _decode_int4_kernel(
     for n in range(start, end, BLOCK_N):
         pos_k = n + offs_n
         k_ok = pos_k < end
-        block = tl.load(table + pos_k // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+        block = _table_entries(table, pos_k, end, PAGE_SIZE)
         first = n % PAGE_SIZE
         slot = first + offs_n % PAGE_SIZE
         k_bytes = tl.load((K_CODES + block * stride_kb + first * stride_kt)[:, None, None] + k_tile)
