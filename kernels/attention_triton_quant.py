@@ -61,7 +61,8 @@ fetches the next tile's entries one iteration ahead; its copies are then num_sta
 and B1 32k. Then a quarter of the stall samples sat on one shared-memory store of a scale loaded in the
 same iteration (a 2-byte gather is a plain load, not an asynchronous copy, so the store waited out its
 whole latency); fetching the next tile's scales a tile ahead too gained another 5-7% (B8 32k 192.5 us,
-1.89x the fp16 kernel).
+1.89x the fp16 kernel) The timings of every variant above, with the baseline of the same run, and the ncu
+summaries: benchmarks/results/kv_quant_gpu_experiments.json.
 
 ``write_kv_cache_quant`` is the write side: one program per new token quantizes its K (after subtracting
 k_mean, rounded to the smoothing dtype as the reference's ``k - k_mean`` is) and V rows into their slots,
